@@ -1,0 +1,235 @@
+"""The pipeline config: one YAML file, validated by pydantic before anything runs.
+
+Every section forbids unknown keys, so a typo (`lerning_rate`) fails at load time naming the key
+and the file instead of silently taking a default. Defaults are what a user rarely needs to touch.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_VERSION = 1
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    # A built-in offline alias (smollm2-135m, minilm-l6, tiny-llama, tiny-gpt2, tiny-bert),
+    # an HF model id, or a local directory.
+    name: str = "smollm2-135m"
+    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    # Weights dtype of the frozen base; adapters are always kept in fp32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    revision: str | None = None
+
+
+class DataSection(Section):
+    # A file, glob or directory (local, s3://, gs://), a list of them, or `hf:<name or save_to_disk dir>`.
+    source: str | list[str]
+    # Optional separate eval source; otherwise `eval_fraction` of `source` by example hash.
+    eval_source: str | list[str] | None = None
+    reader: Literal["auto", "jsonl", "csv", "parquet", "hf"] = "auto"
+    format: Literal["instruction", "completion", "chat", "text", "classification"]
+    # Maps the format's roles to column names, e.g. {instruction: question, output: answer}.
+    # Roles: instruction/input/output, prompt/completion, messages, text, label.
+    fields: dict[str, str] = Field(default_factory=dict)
+    system_prompt: str | None = None
+    # `chat` renders prompts with the tokenizer's chat template (when it has one); `plain` uses a
+    # fixed "### Instruction / ### Response" layout.
+    template: Literal["auto", "chat", "plain"] = "auto"
+    max_seq_len: int = Field(512, ge=8)
+    truncate: bool = True
+    train_on_inputs: bool = False
+    pack: bool | None = None  # None: on for causal LM training data, off for classification
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_eval_rows: int | None = Field(None, ge=1)
+    dedupe: bool = True
+    seed: int = 0
+    max_reject_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    num_shards: int | None = Field(None, ge=1)  # default: max(2, train.num_workers)
+    tokenize_actors: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1)
+    max_rows: int | None = Field(None, ge=1)  # read at most this many rows (quick experiments)
+
+
+class LoraSection(Section):
+    r: int = Field(8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    use_rslora: bool = False
+    lora_bias: bool = False
+    bias: Literal["none", "lora_only", "all"] = "none"
+    modules_to_save: list[str] | None = None
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+
+class TrainSection(Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    threads_per_worker: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)  # per worker, per micro-step
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    bf16: bool | None = None  # None: autocast on GPU, off on CPU
+    gradient_checkpointing: bool = False
+    grad_compression: Literal["none", "bf16"] = "none"
+    log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)
+    # Warm start from an existing adapter: a path or a registry reference (name@alias, name:version).
+    init_adapter: str | None = None
+
+
+class GenerationSection(Section):
+    num_prompts: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    # exact: whole answer; gsm8k: final number after ####; json: parsed JSON equality.
+    match: Literal["exact", "gsm8k", "json"] = "exact"
+
+
+class EvalSection(Section):
+    actors: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    compare_base: bool = True
+    compare_champion: bool = True
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    bootstrap_samples: int = Field(1000, ge=0)
+
+
+class GateSection(Section):
+    metric: str = "loss"
+    direction: Literal["min", "max"] = "min"
+    min_delta: float = 0.0
+    # guard metric -> largest allowed regression (in that metric's own units)
+    guards: dict[str, float] = Field(default_factory=dict)
+    promote_first: bool = True
+
+
+class RegistrySection(Section):
+    root: str = "~/.cache/loraflow/registry"
+    name: str = "adapter"
+    alias: str = "champion"
+    gate: GateSection = Field(default_factory=GateSection)
+
+
+class ClusterSection(Section):
+    address: str | None = None  # None: local ray.init(); "auto" inside a cluster / Ray Job
+    num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local cluster
+    work_dir: str = "work"
+    runs_dir: str = "runs"
+
+
+class PipelineConfig(Section):
+    version: int = CONFIG_VERSION
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    registry: RegistrySection = Field(default_factory=RegistrySection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    tune: dict[str, Any] | None = None
+
+    # Where the file came from: relative data paths resolve against it. Not part of fingerprints.
+    source_path: str | None = Field(None, exclude=True)
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != CONFIG_VERSION:
+            raise ValueError(f"unsupported config version {v}; this loraflow reads version {CONFIG_VERSION}")
+        return v
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A section as plain JSON-able data (what fingerprints hash)."""
+        return getattr(self, name).model_dump(mode="json")
+
+    def resolve_path(self, path: str) -> str:
+        """A relative local path is taken relative to the config file's folder."""
+        if "://" in path or path.startswith("hf:") or Path(path).expanduser().is_absolute():
+            return str(Path(path).expanduser()) if "://" not in path and not path.startswith("hf:") else path
+        base = Path(self.source_path).parent if self.source_path else Path.cwd()
+        return str((base / path).resolve())
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: names the file, the key and the value."""
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; see `loraflow init` for every key)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply `--set a.b=value` overrides (values parsed as YAML scalars/lists)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline YAML file. Raises ConfigError naming file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides), origin=str(path), source_path=str(path.resolve()))
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "<dict>", source_path: str | None = None) -> PipelineConfig:
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+    cfg.source_path = source_path
+    return cfg
