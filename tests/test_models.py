@@ -1,0 +1,165 @@
+"""workflows.models: offline aliases, the cached GGUF conversion, identities and fingerprints."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from workflows import models
+from workflows.artifacts import sha256_file
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2 loaded through the converted cache (converts on the first call of the session)."""
+    return models.load_base("smollm2-135m")
+
+
+def test_tiny_models_are_identical_across_loads():
+    a, _ = models.load_base("tiny-llama")
+    b, _ = models.load_base("tiny-llama")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_tiny_models_do_not_disturb_the_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    models.load_base("tiny-gpt2")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_causal_models_use_smollm2_tokenizer_with_its_chat_template():
+    model, tok = models.load_base("tiny-llama")
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert", "minilm-l6"])
+def test_tokenizers_always_have_a_pad_token(name):
+    tok = models.load_tokenizer(name)
+    assert tok.pad_token is not None and tok.pad_token_id is not None
+
+
+def test_smollm2_is_converted_once_and_reused(smollm2):
+    folder = Path(models.base_identity("smollm2-135m")["path"])
+    weights = folder / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    models.load_base("smollm2-135m")
+    assert weights.stat().st_mtime_ns == before
+    assert not list(folder.parent.glob(".*tmp-*")), "a temp folder was left behind"
+
+
+def test_smollm2_weights_are_the_dequantised_gguf(smollm2):
+    import gguf
+
+    model, _ = smollm2
+    reader = gguf.GGUFReader(str(models._smollm2_gguf()))
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    expected = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type)).reshape(
+        model.model.layers[0].mlp.down_proj.weight.shape)
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, expected)
+
+
+def test_smollm2_identity_records_gguf_sha_quant_and_converted_folder(smollm2):
+    identity = models.base_identity("smollm2-135m")
+    assert identity["sha256"] == sha256_file(models._smollm2_gguf())
+    assert identity["quant"] == "Q4_1"
+    assert (Path(identity["path"]) / "config.json").is_file()
+    assert (Path(identity["path"]) / "tokenizer.json").is_file()
+
+
+def test_smollm2_pad_is_eos(smollm2):
+    _, tok = smollm2
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+
+
+def test_tokenizer_alone_does_not_convert_the_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFLOW_CACHE", str(tmp_path))
+    tok = models.load_tokenizer("tiny-llama")
+    assert tok.chat_template
+    assert (tmp_path / "tokenizers").is_dir()
+    assert not (tmp_path / "models").exists()
+
+
+def test_concurrent_builds_of_a_cached_folder_run_the_build_once(tmp_path):
+    calls = []
+
+    def build(tmp: Path) -> None:
+        calls.append(1)
+        time.sleep(0.2)  # long enough for the other thread to reach the lock
+        (tmp / "done").write_text("x")
+
+    final = tmp_path / "models" / "thing"
+    threads = [threading.Thread(target=models._cached_folder, args=(final, build)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert (final / "done").read_text() == "x"
+
+
+def test_a_failed_build_leaves_no_folder(tmp_path):
+    def build(tmp: Path) -> None:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("conversion failed")
+
+    final = tmp_path / "models" / "thing"
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        models._cached_folder(final, build)
+    assert list((tmp_path / "models").iterdir()) == [tmp_path / "models" / ".thing.lock"]
+
+
+def test_minilm_seq_cls_keeps_the_encoder_and_adds_a_new_head():
+    from safetensors.torch import load_file
+
+    model, _ = models.load_base("minilm-l6", task="seq_cls", num_labels=5)
+    assert model.classifier.out_features == 5
+    saved = load_file(Path(models.base_identity("minilm-l6")["path"]) / "model.safetensors")
+    key = next(k for k in saved if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, saved[key])
+
+
+def test_seq_cls_without_num_labels_is_refused():
+    with pytest.raises(ValueError, match="num_labels"):
+        models.load_base("tiny-bert", task="seq_cls")
+
+
+def test_encoder_as_causal_lm_is_refused():
+    with pytest.raises(ValueError, match="encoder"):
+        models.load_base("tiny-bert")
+
+
+def test_bfloat16_base():
+    model, _ = models.load_base("tiny-llama", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_uncached_hub_id_offline_says_so():
+    with pytest.raises(models.ModelNotAvailableError, match="OFFLINE.*not in the local Hugging Face cache"):
+        models.load_tokenizer("loraflow-tests/no-such-model")
+
+
+def test_local_directory_loads_and_has_a_content_identity(tmp_path):
+    model, tok = models.load_base("tiny-gpt2")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, _ = models.load_base(str(tmp_path))
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    identity = models.base_identity(str(tmp_path))
+    assert identity["path"] == str(tmp_path.resolve()) and len(identity["sha256"]) == 64
+
+
+def test_tokenizer_fingerprint_is_stable_and_sees_the_chat_template():
+    a = models.load_tokenizer("tiny-llama")
+    b = models.load_tokenizer("tiny-llama")
+    assert models.tokenizer_fingerprint(a) == models.tokenizer_fingerprint(b)
+    b.chat_template = a.chat_template.replace("helpful", "unhelpful")
+    assert models.tokenizer_fingerprint(a) != models.tokenizer_fingerprint(b)
+    assert models.tokenizer_fingerprint(a) != models.tokenizer_fingerprint(models.load_tokenizer("tiny-bert"))

