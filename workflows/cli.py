@@ -1,0 +1,344 @@
+"""`loraflow`: the command line. It only parses, calls and prints; the work lives in the stages.
+
+Exit codes a scheduler can act on: 0 success (or "no change" for retrain), 1 a stage failed,
+2 a bad config or bad arguments (nothing ran), 3 promotion refused by the gate (retrain --strict),
+4 another run holds the lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_GATE, EXIT_LOCKED = 0, 1, 2, 3, 4
+
+EPILOG = textwrap.dedent("""\
+    examples:
+      loraflow init my.yaml                       write a commented starter config
+      loraflow validate my.yaml                   check a config without running anything
+      loraflow dag my.yaml                        show each stage's cache status (dry run)
+      loraflow run configs/demo.yaml              run prepare -> train -> evaluate -> register
+      loraflow run my.yaml --set train.lr=1e-4    override any key
+      loraflow run my.yaml --from train           force a rerun from a stage
+      loraflow registry list                      adapters, versions and aliases
+      loraflow generate --model smollm2-135m --adapter demo@champion "Extract ..."
+    """)
+
+
+# --- printing ------------------------------------------------------------------------------------
+
+def print_table(rows: list[tuple[Any, ...]], header: tuple[str, ...] | None = None, out=sys.stdout) -> None:
+    rows = [tuple("" if c is None else str(c) for c in r) for r in rows]
+    if header:
+        rows = [header, *rows]
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(len(r) for r in rows))]
+    for n, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=out)
+        if header and n == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def _emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# --- config-driven commands ----------------------------------------------------------------------
+
+def _load(args) -> Any:
+    from workflows.config import load_config
+
+    cfg = load_config(args.config, overrides=getattr(args, "set", None))
+    if getattr(args, "address", None):
+        cfg.cluster.address = args.address
+    return cfg
+
+
+def cmd_validate(args) -> int:
+    cfg = _load(args)
+    sources = cfg.data.source if isinstance(cfg.data.source, list) else [cfg.data.source]
+    missing = [s for s in sources if "://" not in s and not s.startswith("hf:") and not any(ch in s for ch in "*?[")
+               and not Path(cfg.resolve_path(s)).exists()]
+    if missing:
+        print(f"config {args.config}: data.source not found: {', '.join(cfg.resolve_path(m) for m in missing)}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.config}: ok (model {cfg.model.name}, format {cfg.data.format}, "
+          f"{cfg.train.num_workers} worker(s))")
+    return EXIT_OK
+
+
+def cmd_init(args) -> int:
+    from workflows.starter import STARTER_CONFIG
+
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        print(f"{path} exists; pass --force to overwrite", file=sys.stderr)
+        return EXIT_CONFIG
+    path.write_text(STARTER_CONFIG)
+    print(f"wrote {path}: edit data.source and data.format, then `loraflow run {path}`")
+    return EXIT_OK
+
+
+def cmd_dag(args) -> int:
+    from workflows.dag import plan
+
+    p = plan(_load(args), force_from=args.from_stage)
+    if args.json:
+        _emit_json([{"stage": s.name, "fingerprint": s.fingerprint, "status": s.status, "why": s.why,
+                     "dir": str(s.dir)} for s in p.stages])
+        return EXIT_OK
+    print(" -> ".join(s.name for s in p.stages))
+    print_table([(s.name, s.status, s.fingerprint, s.why) for s in p.stages],
+                header=("stage", "cache", "fingerprint", "why"))
+    return EXIT_OK
+
+
+def _summary(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for name, st in manifest["stages"].items():
+        rows.append((name, f"{st['status']:<4} {st['seconds']:>8.1f} s  {st['outputs'].get('dir', '')}"))
+    ev = manifest["stages"].get("evaluate", {}).get("outputs", {}).get("metrics", {})
+    for model, m in ev.get("models", {}).items():
+        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1") if k in m]
+        rows.append((f"eval {model}", ", ".join(f"{k}={_fmt(m[k])}" for k in keys)))
+    reg = manifest["stages"].get("register", {}).get("outputs", {})
+    if reg:
+        d = reg.get("decision") or {}
+        rows.append(("registry", f"{reg.get('name')}:{reg.get('version')}  "
+                                 f"{'promoted to' if d.get('promote') else 'not promoted to'} "
+                                 f"{d.get('alias', 'champion')}: {d.get('reason', '')}"))
+    if manifest.get("report"):
+        rows.append(("report", manifest["report"]))
+    return rows
+
+
+def cmd_run(args, until: str | None = None) -> int:
+    from workflows.pipeline import run_pipeline
+
+    cfg = _load(args)
+    if getattr(args, "progress", True):
+        import os
+
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if sys.stderr.isatty() else "1")
+    manifest = run_pipeline(cfg, force_from=getattr(args, "from_stage", None), until=until)
+    if args.json:
+        _emit_json(manifest)
+    else:
+        print()
+        print_table(_summary(manifest), header=("stage", "result"))
+    return EXIT_OK
+
+
+def cmd_stage(stage: str):
+    def run(args) -> int:
+        return cmd_run(args, until=stage)
+    return run
+
+
+# --- registry, generate, predict ------------------------------------------------------------------
+
+def cmd_registry(args) -> int:
+    from workflows.registry import Registry
+
+    reg = Registry(args.root)
+    action = args.action
+    if action == "list":
+        rows = reg.list(args.name)
+        if args.json:
+            _emit_json(rows)
+        else:
+            print_table([(r["name"], r["version"], ",".join(r.get("aliases", [])), r.get("servable"),
+                          r.get("created")) for r in rows], header=("name", "version", "aliases", "servable", "created"))
+        return EXIT_OK
+    if action == "show":
+        _emit_json(reg.show(args.ref))
+        return EXIT_OK
+    if action == "promote":
+        name, version = args.ref.split(":", 1)
+        reg.promote(name, int(version), args.alias, reason=args.reason or "manual promotion")
+        print(f"{name}@{args.alias} -> {name}:{version}")
+        return EXIT_OK
+    if action == "rollback":
+        name = args.ref
+        moved = reg.rollback(name, args.alias, reason=args.reason or "manual rollback")
+        print(f"{name}@{args.alias} -> {name}:{moved}")
+        return EXIT_OK
+    if action == "export":
+        out = reg.export(args.ref, args.out)
+        print(f"exported {args.ref} to {out}")
+        return EXIT_OK
+    if action == "delete":
+        name, version = args.ref.split(":", 1)
+        reg.delete(name, int(version))
+        print(f"deleted {args.ref}")
+        return EXIT_OK
+    raise AssertionError(action)
+
+
+def _adapter_path(ref: str | None, root: str) -> str | None:
+    if ref is None or Path(ref).expanduser().exists():
+        return ref
+    from workflows.registry import Registry
+
+    return str(Registry(root).resolve(ref))
+
+
+def cmd_generate(args) -> int:
+    from workflows.generation import generate
+
+    adapter = _adapter_path(args.adapter, args.root)
+    for prompt in args.prompt:
+        generate(args.model, adapter, [prompt], max_new_tokens=args.max_new_tokens,
+                 on_token=lambda text: print(text, end="", flush=True))
+        print()
+    return EXIT_OK
+
+
+def cmd_predict(args) -> int:
+    from workflows.generation import predict
+
+    adapter = _adapter_path(args.adapter, args.root)
+    results = predict(args.model, adapter, args.text)
+    if args.json:
+        _emit_json(results)
+    else:
+        print_table([(r["label"], f"{r['score']:.3f}", r["text"]) for r in results], header=("label", "p", "text"))
+    return EXIT_OK
+
+
+# --- parser -----------------------------------------------------------------------------------------
+
+def _config_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("config", help="pipeline YAML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraflow", description="Distributed LoRA fine-tuning as a Ray workflow.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str, func, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("run", "run the whole DAG: prepare -> train -> evaluate -> register (cached stages are skipped)",
+            cmd_run, "loraflow run configs/demo.yaml --set train.lr=1e-4")
+    _config_args(p)
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="force a rerun from this stage")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto' inside a Ray Job)")
+    for stage, help_ in (("prepare", "read, validate, tokenize, pack and shard the data"),
+                         ("train", "prepare (cached) then LoRA-train with Ray Train DDP"),
+                         ("evaluate", "... then evaluate base, new adapter and champion"),
+                         ("register", "... then register the adapter and apply the promotion gate")):
+        p = add(stage, help_, cmd_stage(stage), f"loraflow {stage} configs/demo.yaml")
+        _config_args(p)
+        p.add_argument("--from", dest="from_stage", metavar="STAGE", help="force a rerun from this stage")
+        p.add_argument("--address", help="join an existing Ray cluster")
+    p = add("dag", "print the stage graph with each stage's cache status, without running anything",
+            cmd_dag, "loraflow dag configs/demo.yaml")
+    _config_args(p)
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="show what --from STAGE would rerun")
+    p = add("validate", "check a config file (keys, types, data paths) without running anything",
+            cmd_validate, "loraflow validate configs/demo.yaml")
+    _config_args(p, json_flag=False)
+    p = add("init", "write a commented starter config", cmd_init, "loraflow init pipeline.yaml")
+    p.add_argument("path", nargs="?", default="pipeline.yaml")
+    p.add_argument("--force", action="store_true")
+
+    p = add("registry", "list, show, promote, roll back, export or delete registered adapters", cmd_registry,
+            "loraflow registry promote demo:2 --alias champion")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "export", "delete"])
+    p.add_argument("ref", nargs="?", help="name (list, rollback), name:version or name@alias")
+    p.add_argument("--root", default="~/.cache/loraflow/registry", help="registry root (registry.root)")
+    p.add_argument("--name", help="list: only this name")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--reason")
+    p.add_argument("--out", help="export: destination folder")
+    p.add_argument("--json", action="store_true")
+
+    p = add("generate", "generate text with a base model and an optional adapter (chat template applied)",
+            cmd_generate, 'loraflow generate --model smollm2-135m --adapter demo@champion "Extract ..."')
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", help="adapter folder or registry reference (name@alias, name:3)")
+    p.add_argument("--root", default="~/.cache/loraflow/registry", help="registry root")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+
+    p = add("predict", "classify texts with a classification adapter", cmd_predict,
+            'loraflow predict --model minilm-l6 --adapter banking@champion "my card was declined"')
+    p.add_argument("text", nargs="+")
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--adapter", required=True, help="adapter folder or registry reference")
+    p.add_argument("--root", default="~/.cache/loraflow/registry", help="registry root")
+    p.add_argument("--json", action="store_true")
+    _add_optional_commands(sub, add)
+    return parser
+
+
+def _add_optional_commands(sub, add) -> None:
+    """Commands whose modules register their own arguments (jobs, retrain, tune)."""
+    try:
+        from workflows import jobs
+    except ImportError:
+        return
+    p = add("submit", "submit `loraflow run CONFIG` to a Ray cluster as a Ray Job", jobs.cmd_submit,
+            "loraflow submit configs/demo.yaml --address http://127.0.0.1:8265")
+    jobs.add_submit_arguments(p)
+    p = add("jobs", "status, logs or stop of a submitted Ray Job", jobs.cmd_jobs,
+            "loraflow jobs logs raysubmit_123 --address http://127.0.0.1:8265")
+    jobs.add_jobs_arguments(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from workflows import __version__
+
+        print(__version__)
+        return EXIT_OK
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    from workflows.config import ConfigError
+    from workflows.dag import LockHeldError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except LockHeldError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a stage failed: keep the traceback for the log, end with one clear line
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

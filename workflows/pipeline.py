@@ -1,0 +1,222 @@
+"""Execute a plan: run each missing stage in order, reuse each hit, record the run.
+
+Ray is started only when a stage that needs it has to run, so a fully cached re-run never
+starts a cluster. Every run writes `runs/<run-id>/manifest.json` (fingerprints, inputs, outputs,
+timings, registry version) and a report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workflows import __version__
+from workflows.artifacts import atomic_write_json, stage_output
+from workflows.config import PipelineConfig
+from workflows.dag import (
+    Layout,
+    Plan,
+    PlannedStage,
+    attempt_of,
+    bump_attempt,
+    new_run_id,
+    plan,
+    save_plan_state,
+    work_lock,
+)
+
+
+@dataclass
+class RunContext:
+    config: PipelineConfig
+    plan: Plan
+    run_id: str
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ray_started: bool = False
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
+def ensure_ray(ctx: RunContext) -> None:
+    """Start or join Ray once, the first time a stage needs it."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cluster = ctx.config.cluster
+    if cluster.address:
+        ray.init(address=cluster.address, log_to_driver=True)
+        check_shared_storage(ctx.plan.layout.work)
+    else:
+        train = ctx.config.train
+        # Train workers hold their CPUs for the whole fit; leave at least 2 logical CPUs for Ray Data
+        # (a 2-core box deadlocks silently otherwise).
+        want = int(train.num_workers * train.cpus_per_worker + 0.999) + 2
+        num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, want)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ctx.ray_started = True
+    ctx.log(f"[ray] connected: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
+            f"{len(ray.nodes())} node(s)")
+
+
+def check_shared_storage(work: Path) -> None:
+    """On more than one node, the work directory must be storage every node sees."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) <= 1:
+        return
+    marker = work / ".shared-storage-check"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    token = new_run_id()
+    marker.write_text(token)
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        try:
+            return Path(path).read_text() == token
+        except OSError:
+            return False
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(str(marker)) for n in alive]
+    blind = [n["NodeManagerAddress"] for n, ok in zip(alive, ray.get(refs)) if not ok]
+    if blind:
+        raise RuntimeError(
+            f"work directory {work} is not visible from node(s) {', '.join(blind)}: on a multi-node cluster "
+            "set cluster.work_dir to storage every node mounts (a shared volume) so Ray Train checkpoints "
+            "and stage outputs are reachable everywhere")
+
+
+# --- stage bodies: each returns a JSON-able summary of its outputs -----------------------------
+
+
+def _prepare(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
+    from workflows.prepare import PreparedData, run_prepare
+
+    prepared = run_prepare(ctx.config, st.dir) if fresh else PreparedData.load(st.dir)
+    ctx.outputs["prepare"]["prepared"] = prepared
+    m = prepared.manifest
+    return {"dir": str(st.dir), "counts": m.get("counts", {}), "input_digest": m.get("input_digest"),
+            "rows_digest": m.get("rows_digest"), "tokens": m.get("tokens", {})}
+
+
+def _train(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
+    if fresh:
+        from workflows.train import run_train
+
+        layout = ctx.plan.layout
+        attempt = bump_attempt(layout, st.fingerprint) if st.status == "forced" else attempt_of(layout, st.fingerprint)
+        run_name = f"{st.fingerprint}-a{attempt}"
+        run_train(ctx.config, ctx.outputs["prepare"]["prepared"], st.dir,
+                  storage_path=str(layout.ray_storage), run_name=run_name)
+    result = json.loads((st.dir / "result.json").read_text())
+    return {"dir": str(st.dir), "adapter": str(st.dir / "adapter"), "metrics_path": str(st.dir / "metrics.jsonl"),
+            **{k: result[k] for k in ("run_name", "metrics") if k in result}}
+
+
+def _evaluate(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
+    if fresh:
+        from workflows.evaluate import run_evaluate
+        from workflows.registry import Registry
+
+        registry = Registry(ctx.config.registry.root) if ctx.config.eval.compare_champion else None
+        run_evaluate(ctx.config, ctx.outputs["prepare"]["prepared"], Path(ctx.outputs["train"]["adapter"]),
+                     st.dir, registry=registry)
+    metrics = json.loads((st.dir / "metrics.json").read_text())
+    return {"dir": str(st.dir), "metrics": metrics}
+
+
+def _register(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
+    if fresh:
+        from workflows.registry import register_and_gate
+
+        prep = ctx.outputs["prepare"]
+        lineage = {
+            "run_id": ctx.run_id,
+            "input_digest": prep.get("input_digest"),
+            "prepared_manifest_digest": prep.get("rows_digest"),
+            "parent_adapter": ctx.config.train.init_adapter,
+            "config": ctx.config.model_dump(mode="json"),
+            "loraflow_version": __version__,
+            "fingerprints": {s.name: s.fingerprint for s in ctx.plan.stages},
+        }
+        version, decision = register_and_gate(ctx.config, Path(ctx.outputs["train"]["adapter"]),
+                                              ctx.outputs["evaluate"]["metrics"], lineage)
+        with stage_output(st.dir) as tmp:
+            atomic_write_json(tmp / "register.json", {"name": ctx.config.registry.name, "version": version,
+                                                     "decision": _as_dict(decision)})
+    return {"dir": str(st.dir), **json.loads((st.dir / "register.json").read_text())}
+
+
+def _as_dict(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(obj)
+    return obj
+
+
+STAGE_BODIES: dict[str, Callable[[RunContext, PlannedStage, bool], dict[str, Any]]] = {
+    "prepare": _prepare, "train": _train, "evaluate": _evaluate, "register": _register,
+}
+
+
+def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: str | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the DAG (or its prefix up to `until`) and return the run manifest."""
+    from workflows.dag import STAGES
+
+    layout = Layout.of(config)
+    stages = {s.name: s for s in STAGES}
+    with work_lock(layout.work):
+        p = plan(config, force_from=force_from)  # under the lock: another run may have finished stages
+        ctx = RunContext(config, p, new_run_id())
+        if log:
+            ctx.log = log
+        run_dir = p.layout.runs / ctx.run_id
+        manifest: dict[str, Any] = {"run_id": ctx.run_id, "loraflow_version": __version__,
+                                    "config_file": config.source_path, "started": time.time(), "stages": {}}
+        try:
+            for st in p.stages:
+                fresh = st.status != "hit"
+                ctx.outputs[st.name] = {}
+                banner = "running" if fresh else "cached"
+                ctx.log(f"==> [{st.name}] {banner} ({st.why}) fingerprint {st.fingerprint}")
+                if fresh and stages[st.name].needs_ray:
+                    ensure_ray(ctx)
+                t0 = time.time()
+                ctx.outputs[st.name].update(STAGE_BODIES[st.name](ctx, st, fresh))
+                manifest["stages"][st.name] = {
+                    "fingerprint": st.fingerprint, "status": "ran" if fresh else "hit", "why": st.why,
+                    "seconds": round(time.time() - t0, 3),
+                    "outputs": {k: v for k, v in ctx.outputs[st.name].items() if k != "prepared"},
+                }
+                if st.name == until:
+                    break
+            save_plan_state(p)
+        finally:
+            manifest["finished"] = time.time()
+            manifest["ray_started"] = ctx.ray_started
+            atomic_write_json(run_dir / "manifest.json", manifest)
+            if ctx.ray_started:
+                import ray
+
+                ray.shutdown()
+    try:
+        from workflows.report import write_report
+
+        manifest["report"] = str(write_report(run_dir, manifest))
+        atomic_write_json(run_dir / "manifest.json", manifest)
+    except ImportError:
+        pass
+    return manifest
