@@ -1,0 +1,102 @@
+"""The pipeline config: validated at the edge, errors name the file, the key and the value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflows.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+BASE = {"data": {"source": "rows.jsonl", "format": "instruction"}}
+
+
+def test_every_example_config_validates():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.data.format in {"instruction", "completion", "chat", "text", "classification"}, path
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path):
+    path = write(tmp_path, {**BASE, "train": {"lerning_rate": 1e-3}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "train.lerning_rate" in str(e.value) and "unknown key" in str(e.value) and str(path) in str(e.value)
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = write(tmp_path, {**BASE, "train": {"num_workers": "two"}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "train.num_workers" in str(e.value) and "'two'" in str(e.value)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, {"data": {"source": "x.jsonl"}})
+    with pytest.raises(ConfigError, match=r"data\.format: required key is missing"):
+        load_config(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_any_key_with_yaml_typed_values(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_config(path, overrides=["train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]", "data.pack=false"])
+    assert cfg.train.lr == 1e-4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.pack is False
+
+
+def test_set_with_unknown_key_fails(tmp_path):
+    path = write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_config(path, overrides=["train.nope=1"])
+
+
+def test_data_paths_resolve_against_the_config_file(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.resolve_path("rows.jsonl") == str(tmp_path / "rows.jsonl")
+    assert cfg.resolve_path("s3://bucket/x.jsonl") == "s3://bucket/x.jsonl"
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_validate_reports_bad_key_with_exit_2_and_never_imports_ray(tmp_path):
+    path = write(tmp_path, {**BASE, "lora": {"rank": 8}})
+    # -X importtime lists every module imported: ray must not be among them for a bad config.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "workflows.cli", "validate", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "lora.rank: unknown key" in proc.stderr
+    assert not any(line.rstrip().endswith(" ray") for line in proc.stderr.splitlines())
+
+
+def test_cli_validate_names_a_missing_data_file(tmp_path):
+    path = write(tmp_path, BASE)
+    proc = run_cli("validate", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and "data.source not found" in proc.stderr and "rows.jsonl" in proc.stderr
+
+
+def test_cli_init_writes_a_config_that_validates(tmp_path):
+    proc = run_cli("init", "starter.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(tmp_path / "starter.yaml")
+    assert cfg.registry.name == "my-adapter"

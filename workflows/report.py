@@ -1,0 +1,120 @@
+"""The run report: `runs/<run-id>/report.md` plus PNG curves, written at the end of every run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from workflows.artifacts import atomic_write_text
+
+_METRIC_ORDER = ("loss", "perplexity", "token_accuracy", "exact_match", "match", "accuracy", "macro_f1", "rows")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: the rest of the file is still good
+    return rows
+
+
+def _plot(run_dir: Path, name: str, series: dict[str, tuple[list[float], list[float]]], ylabel: str) -> str | None:
+    series = {k: v for k, v in series.items() if v[0]}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for label, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / name)
+    plt.close(fig)
+    return name
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def write_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write report.md (and PNGs beside it) for a run manifest; return the report path."""
+    run_dir = Path(run_dir)
+    stages = manifest.get("stages", {})
+    lines = [f"# loraflow run {manifest.get('run_id')}", "",
+             f"config: `{manifest.get('config_file')}` · loraflow {manifest.get('loraflow_version')} · "
+             f"Ray started: {manifest.get('ray_started')}", "", "## Stages", ""]
+    lines += _table(["stage", "cache", "seconds", "fingerprint", "why"],
+                    [[n, "hit" if s["status"] == "hit" else "ran", s["seconds"], f"`{s['fingerprint']}`", s["why"]]
+                     for n, s in stages.items()])
+
+    prep = stages.get("prepare", {}).get("outputs", {})
+    counts = prep.get("counts") or {}
+    if counts:
+        lines += ["", "## Data", ""]
+        rejected = counts.get("rejected") or {}
+        flat = [[k, v] for k, v in counts.items() if not isinstance(v, dict)]
+        flat += [[f"rejected: {reason}", n] for reason, n in sorted(rejected.items())]
+        lines += _table(["count", "rows"], flat)
+
+    train = stages.get("train", {}).get("outputs", {})
+    rows = _read_jsonl(Path(train["metrics_path"])) if train.get("metrics_path") else []
+    if rows or train.get("metrics"):
+        lines += ["", "## Training", ""]
+        loss_png = _plot(run_dir, "loss.png", {"train loss": _series(rows, "loss"),
+                                               "eval loss": _series(rows, "eval_loss")}, "loss")
+        tps_png = _plot(run_dir, "tokens_per_s.png", {"tokens/s": _series(rows, "tokens_per_s")}, "tokens/s")
+        lines += [f"![loss]({loss_png})" if loss_png else "", f"![tokens/s]({tps_png})" if tps_png else ""]
+        final = train.get("metrics") or {}
+        keep = [k for k in ("steps", "train_loss", "eval_loss", "tokens_per_s", "allreduce_bytes_per_step",
+                            "adapter_param_bytes", "base_param_bytes", "broadcast_bytes") if k in final]
+        if keep:
+            lines += _table(["metric", "value"], [[k, final[k]] for k in keep])
+
+    ev = stages.get("evaluate", {}).get("outputs", {}).get("metrics", {})
+    models = ev.get("models", {})
+    if models:
+        keys = [k for k in _METRIC_ORDER if any(k in m for m in models.values())]
+        lines += ["", "## Evaluation (same rows for every model)", ""]
+        lines += _table(["model", *keys], [[name, *(m.get(k, "") for k in keys)] for name, m in models.items()])
+        diffs = ev.get("diff") or {}
+        if diffs:
+            lines += [""]
+            lines += _table(["comparison", "metric", "difference", "95% CI"],
+                            [[cmp, metric, d.get("value", d.get("new_minus_champion", "")), d.get("ci95", "")]
+                             for cmp, per in diffs.items() if isinstance(per, dict)
+                             for metric, d in per.items() if isinstance(d, dict)])
+
+    reg = stages.get("register", {}).get("outputs", {})
+    if reg:
+        d = reg.get("decision") or {}
+        lines += ["", "## Registry and promotion gate", "",
+                  f"registered `{reg.get('name')}:{reg.get('version')}`; "
+                  f"{'**promoted**' if d.get('promote') else '**not promoted**'}: {d.get('reason', '')}"]
+        if d.get("numbers"):
+            lines += ["", "```json", json.dumps(d["numbers"], indent=2, sort_keys=True, default=str), "```"]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
