@@ -147,6 +147,22 @@ def cmd_stage(stage: str):
     return run
 
 
+def cmd_retrain(args) -> int:
+    from workflows.retrain import retrain
+
+    out = retrain(_load(args), warm_start=args.warm_start, wait=args.wait)
+    if args.json:
+        _emit_json(out.to_dict())
+    elif out.status == "no-change":
+        print(f"no change: input data digest {out.input_digest[:16]} is what {out.champion_before} was trained on")
+    else:
+        d = out.decision
+        print(f"{out.status}: champion {out.champion_before} -> {out.champion_after} ({d.get('reason', '')})")
+        if out.report:
+            print(f"report: {out.report}")
+    return EXIT_GATE if args.strict and out.status == "kept-champion" else EXIT_OK
+
+
 # --- registry, generate, predict ------------------------------------------------------------------
 
 def cmd_registry(args) -> int:
@@ -252,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(p)
         p.add_argument("--from", dest="from_stage", metavar="STAGE", help="force a rerun from this stage")
         p.add_argument("--address", help="join an existing Ray cluster")
+    p = add("retrain", "scheduled retraining: exit quickly when the data did not change, else run the DAG "
+            "and promote only through the gate", cmd_retrain, "loraflow retrain configs/demo.yaml --warm-start")
+    _config_args(p)
+    p.add_argument("--address", help="join an existing Ray cluster")
+    p.add_argument("--warm-start", action="store_true", help="start training from the current champion adapter")
+    p.add_argument("--wait", action="store_true", help="wait for a concurrent retrain instead of exiting")
+    p.add_argument("--strict", action="store_true", help="exit 3 when the gate keeps the champion")
     p = add("dag", "print the stage graph with each stage's cache status, without running anything",
             cmd_dag, "loraflow dag configs/demo.yaml")
     _config_args(p)

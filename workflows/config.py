@@ -141,6 +141,32 @@ class ClusterSection(Section):
     runs_dir: str = "runs"
 
 
+class TuneSection(Section):
+    # Config key -> a distribution: {choice: [..]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]},
+    # {randint: [lo, hi]} or {grid: [..]}. Keys are dotted paths into this config, e.g. train.lr.
+    search_space: dict[str, dict[str, list[Any]]]
+    num_trials: int = Field(4, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    # ASHA early stopping on the metric the train stage reports every `train.eval_every` steps.
+    asha: bool = True
+    grace_period: int = Field(1, ge=1)  # reports before a trial can be stopped
+    reduction_factor: int = Field(2, ge=2)
+    seed: int = 0
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_distributions(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        kinds = {"choice", "uniform", "loguniform", "randint", "grid"}
+        for key, dist in space.items():
+            if len(dist) != 1 or next(iter(dist)) not in kinds:
+                raise ValueError(f"tune.search_space.{key}: expected one of {sorted(kinds)}, got {dist!r}")
+            if key.split(".")[0] not in {"lora", "train", "data", "model"}:
+                raise ValueError(f"tune.search_space.{key}: only lora.*, train.*, data.* and model.* keys can be searched")
+        return space
+
+
 class PipelineConfig(Section):
     version: int = CONFIG_VERSION
     model: ModelSection = Field(default_factory=ModelSection)
@@ -150,7 +176,7 @@ class PipelineConfig(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
-    tune: dict[str, Any] | None = None
+    tune: TuneSection | None = None
 
     # Where the file came from: relative data paths resolve against it. Not part of fingerprints.
     source_path: str | None = Field(None, exclude=True)

@@ -185,6 +185,10 @@ def bump_attempt(layout: Layout, fp: str) -> int:
     return n
 
 
-def save_plan_state(p: Plan) -> None:
-    atomic_write_json(p.layout.state_file, {s.name: {"fingerprint": s.fingerprint, "components": s.components}
-                                            for s in p.stages})
+def save_plan_state(p: Plan, completed: list[str] | None = None) -> None:
+    """Remember the inputs of the stages that completed, so a later plan can say *why* it misses."""
+    state = _read_json(p.layout.state_file)
+    for s in p.stages:
+        if completed is None or s.name in completed:
+            state[s.name] = {"fingerprint": s.fingerprint, "components": s.components}
+    atomic_write_json(p.layout.state_file, state)

@@ -201,9 +201,9 @@ def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: s
                     "seconds": round(time.time() - t0, 3),
                     "outputs": {k: v for k, v in ctx.outputs[st.name].items() if k != "prepared"},
                 }
+                save_plan_state(p, completed=[st.name])
                 if st.name == until:
                     break
-            save_plan_state(p)
         finally:
             manifest["finished"] = time.time()
             manifest["ray_started"] = ctx.ray_started

@@ -1,0 +1,141 @@
+"""The DAG end to end through the CLI on a tiny model: run, cache hits, reruns, resume after SIGKILL.
+
+Each `loraflow` call is a real subprocess (a new driver) joined to the session's Ray cluster with
+`--address`, so the tests exercise exactly what a user runs, without paying a cluster start per call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "data"))
+from make_demo_data import make_row  # noqa: E402
+
+
+def write_rows(path: Path, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps(make_row(rng)) + "\n" for _ in range(n)))
+
+
+def pipeline_config(root: Path, **train) -> Path:
+    cfg = {
+        "model": {"name": "tiny-llama"},
+        "data": {"source": "rows.jsonl", "format": "instruction",
+                 "fields": {"instruction": "instruction", "input": "input", "output": "output"},
+                 "max_seq_len": 128, "eval_fraction": 0.1},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"num_workers": 1, "batch_size": 4, "lr": 5e-3, "max_steps": 6, "log_every": 2,
+                  "checkpoint_every": 2, **train},
+        "eval": {"batch_size": 8, "generation": {"num_prompts": 2, "max_new_tokens": 4}},
+        "registry": {"root": str(root / "registry"), "name": "e2e", "gate": {"metric": "loss"}},
+        "cluster": {"work_dir": str(root / "work"), "runs_dir": str(root / "runs")},
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def loraflow(*args: str, address: str, cwd: Path, timeout: int = 400) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", *args, "--json", "--address", address],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def statuses(manifest: dict) -> list[str]:
+    return [manifest["stages"][s]["status"] for s in ("prepare", "train", "evaluate", "register")]
+
+
+@pytest.fixture(scope="module")
+def address(ray_session) -> str:
+    return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, address):
+    root = tmp_path_factory.mktemp("e2e")
+    write_rows(root / "rows.jsonl", 160, seed=1)
+    cfg = pipeline_config(root)
+    return root, cfg, loraflow("run", str(cfg), address=address, cwd=root)
+
+
+def test_full_run_executes_every_stage_and_registers_a_champion(first_run):
+    root, _, manifest = first_run
+    assert statuses(manifest) == ["ran"] * 4
+    reg = manifest["stages"]["register"]["outputs"]
+    assert reg["name"] == "e2e" and reg["version"] == 1 and reg["decision"]["promote"] is True
+    assert (Path(manifest["stages"]["train"]["outputs"]["adapter"]) / "adapter_config.json").is_file()
+    run_dir = root / "runs" / manifest["run_id"]
+    assert json.loads((run_dir / "manifest.json").read_text())["run_id"] == manifest["run_id"]
+    assert (run_dir / "report.md").is_file() and (run_dir / "loss.png").is_file()
+
+
+def test_second_run_hits_every_stage_without_starting_ray(first_run, address):
+    root, cfg, _ = first_run
+    manifest = loraflow("run", str(cfg), address=address, cwd=root)
+    assert statuses(manifest) == ["hit"] * 4
+    assert manifest["ray_started"] is False
+
+
+def test_dag_reports_cache_status_without_running(first_run, address):
+    root, cfg, _ = first_run
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "dag", str(cfg), "--json",
+                           "--set", "train.lr=1e-3"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["stage"]: r for r in json.loads(proc.stdout)}
+    assert rows["prepare"]["status"] == "hit" and rows["train"]["status"] == "miss"
+    assert rows["train"]["why"] == "`train` section changed"
+
+
+def test_changed_lr_reruns_from_train(first_run, address):
+    root, cfg, _ = first_run
+    manifest = loraflow("run", str(cfg), "--set", "train.lr=1e-3", address=address, cwd=root)
+    assert statuses(manifest) == ["hit", "ran", "ran", "ran"]
+
+
+def test_edited_data_reruns_from_prepare(first_run, address):
+    root, cfg, _ = first_run
+    with open(root / "rows.jsonl", "a") as f:
+        f.write(json.dumps(make_row(random.Random(99))) + "\n")
+    manifest = loraflow("prepare", str(cfg), address=address, cwd=root)
+    assert list(manifest["stages"]) == ["prepare"] and manifest["stages"]["prepare"]["status"] == "ran"
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "dag", str(cfg), "--json"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    rows = {r["stage"]: r for r in json.loads(proc.stdout)}
+    assert rows["prepare"]["status"] == "hit"
+    assert rows["train"]["status"] == "miss" and "prepare upstream changed" in rows["train"]["why"]
+
+
+def test_driver_sigkilled_during_train_resumes_from_checkpoint(tmp_path, address):
+    write_rows(tmp_path / "rows.jsonl", 160, seed=2)
+    cfg = pipeline_config(tmp_path, max_steps=40, checkpoint_every=4, log_every=4)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(cfg), "--address", address],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # Kill the driver once Ray Train has registered a checkpoint (its snapshot lists one).
+    storage = tmp_path / "work" / "ray_train"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        snaps = list(storage.glob("*/checkpoint_manager_snapshot.json"))
+        if snaps and "checkpoint" in snaps[0].read_text() and len(list(snaps[0].parent.glob("checkpoint_*"))) >= 1:
+            break
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        time.sleep(0.5)
+    else:
+        pytest.fail("no checkpoint was registered in time")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    manifest = loraflow("run", str(cfg), address=address, cwd=tmp_path)
+    assert statuses(manifest)[:2] == ["hit", "ran"]
+    assert manifest["stages"]["train"]["outputs"]["metrics"]["resumed_from_step"] > 0
