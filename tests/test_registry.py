@@ -25,7 +25,7 @@ from workflows.registry import (
 TARGETS = ("q_proj", "v_proj")
 
 
-def write_peft_adapter(path: Path, seed: int, r: int = 4, hidden: int = 16, layers: int = 2,
+def write_peft_adapter(path: Path, seed: int, r: int = 8, hidden: int = 16, layers: int = 2,
                        modules_to_save: list[str] | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """A LoRA adapter directory exactly as PEFT writes one (non-zero B, distinct per seed)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def test_lineage_metrics_tags_and_servability_are_recorded(registry, tmp_path):
     v_ok, v_head = registry.get(f"demo:{ok}"), registry.get(f"demo:{head}")
     assert (v_ok.metrics, v_ok.tags, v_ok.lineage["run_id"], v_ok.lineage["input_digest"]) == (
         {"loss": 0.5}, {"owner": "me"}, "r1", "abc")
-    assert v_ok.servable and not v_head.servable
+    assert (v_ok.servable, v_ok.servable_reasons, v_head.servable) == (True, [], False)
     assert any("modules_to_save" in r for r in v_head.servable_reasons)
 
 
