@@ -25,8 +25,18 @@ from workflows.job_plan import UnreachableInputError, plan_submission
 from workflows.private_head import free_ports, private_head
 
 REPO = Path(__file__).resolve().parents[1]
-REMOTE = "http://10.11.12.13:8265"  # planning never connects; a non-local address means "remote cluster"
-LOCAL = "http://127.0.0.1:8265"
+ADDRESS = "http://10.11.12.13:8265"  # planning never connects; `local_cluster` says where the nodes are
+
+
+@pytest.fixture(scope="module")
+def head():
+    """One private head (dashboard on, auth disabled) for the job tests of this module."""
+    with private_head(num_cpus=2, auth_mode="disabled") as h:
+        yield h
+
+
+def plan(config: Path, local_cluster: bool = False, **kwargs):
+    return plan_submission(config, ADDRESS, local_cluster=local_cluster, **kwargs)
 
 
 # ---- planning: what the job gets, and what is refused ----
@@ -55,24 +65,25 @@ def entrypoint_sets(entrypoint: str) -> dict[str, object]:
 
 
 def test_entrypoint_runs_loraflow_on_the_config_inside_the_shipped_working_dir(project):
-    plan = plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project,
+    p = plan(project / "configs" / "demo.yaml", working_dir=project,
                            overrides=["train.lr=0.001"], env_vars={"HF_TOKEN": "x"}, pip=["peft==0.21.2"])
-    assert shlex.split(plan.entrypoint)[:3] == ["loraflow", "run", "configs/demo.yaml"]
-    assert entrypoint_sets(plan.entrypoint)["train.lr"] == 0.001
-    assert plan.runtime_env["working_dir"] == str(project)
-    assert plan.runtime_env["env_vars"] == {"HF_TOKEN": "x"}
-    assert plan.runtime_env["pip"] == ["peft==0.21.2"]
+    assert shlex.split(p.entrypoint)[:3] == ["loraflow", "run", "configs/demo.yaml"]
+    assert entrypoint_sets(p.entrypoint)["train.lr"] == 0.001
+    assert entrypoint_sets(p.entrypoint)["cluster.address"] == "auto"  # join the cluster, don't start one
+    assert p.runtime_env["working_dir"] == str(project)
+    assert p.runtime_env["env_vars"] == {"HF_TOKEN": "x"}
+    assert p.runtime_env["pip"] == ["peft==0.21.2"]
 
 
 def test_retrain_command_is_what_the_job_runs(project):
-    plan = plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project, command="retrain")
-    assert shlex.split(plan.entrypoint)[:2] == ["loraflow", "retrain"]
+    p = plan(project / "configs" / "demo.yaml", working_dir=project, command="retrain")
+    assert shlex.split(p.entrypoint)[:2] == ["loraflow", "retrain"]
 
 
 def test_small_local_data_inside_the_working_dir_is_shipped_and_said_so(project):
-    plan = plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project)
-    assert any("data.source" in n and "travels with the working directory" in n for n in plan.notes)
-    assert entrypoint_sets(plan.entrypoint)["data.source"] == "../data/train.jsonl"
+    p = plan(project / "configs" / "demo.yaml", working_dir=project)
+    assert any("data.source" in n and "travels with the working directory" in n for n in p.notes)
+    assert entrypoint_sets(p.entrypoint)["data.source"] == "../data/train.jsonl"
 
 
 def test_local_data_outside_the_working_dir_is_refused_naming_the_key(project, tmp_path_factory):
@@ -80,24 +91,24 @@ def test_local_data_outside_the_working_dir_is_refused_naming_the_key(project, t
     elsewhere.write_text("{}\n")
     write_config(project, {"data": {"source": str(elsewhere), "format": "instruction"}})
     with pytest.raises(UnreachableInputError, match=r"data\.source: .* is outside the working directory"):
-        plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project)
+        plan(project / "configs" / "demo.yaml", working_dir=project)
 
 
 def test_gitignored_local_data_is_refused_because_ray_would_not_upload_it(project):
     (project / ".gitignore").write_text("data/\n")
     with pytest.raises(UnreachableInputError, match=r"data\.source: .* excluded from the upload"):
-        plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project)
+        plan(project / "configs" / "demo.yaml", working_dir=project)
 
 
 def test_local_data_over_the_ship_limit_is_refused(project):
     with pytest.raises(UnreachableInputError, match=r"over the 0 MiB limit"):
-        plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project, ship_limit_bytes=100)
+        plan(project / "configs" / "demo.yaml", working_dir=project, ship_limit_bytes=100)
 
 
 def test_missing_local_data_is_refused(project):
     write_config(project, {"data": {"source": "../data/nope.jsonl", "format": "instruction"}})
     with pytest.raises(UnreachableInputError, match=r"data\.source: \.\./data/nope\.jsonl does not exist"):
-        plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project)
+        plan(project / "configs" / "demo.yaml", working_dir=project)
 
 
 def test_object_store_and_shared_mount_paths_pass_as_cluster_visible(project, tmp_path_factory):
@@ -105,9 +116,9 @@ def test_object_store_and_shared_mount_paths_pass_as_cluster_visible(project, tm
     (mount / "eval.jsonl").write_text("{}\n")
     write_config(project, {"data": {"source": "s3://bucket/train.jsonl", "eval_source": str(mount / "eval.jsonl"),
                                     "format": "instruction"}})
-    plan = plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project,
+    p = plan(project / "configs" / "demo.yaml", working_dir=project,
                            shared_mounts=[str(mount)])
-    sets = entrypoint_sets(plan.entrypoint)
+    sets = entrypoint_sets(p.entrypoint)
     assert "data.source" not in sets
     assert sets["data.eval_source"] == str(mount / "eval.jsonl")
 
@@ -116,14 +127,14 @@ def test_relative_work_dir_is_refused_for_a_remote_cluster(project):
     write_config(project, {"data": {"source": "s3://bucket/train.jsonl", "format": "instruction"},
                            "cluster": {"work_dir": "work", "runs_dir": "s3://bucket/runs"}})
     with pytest.raises(UnreachableInputError, match=r"cluster\.work_dir: 'work' is relative"):
-        plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project)
+        plan(project / "configs" / "demo.yaml", working_dir=project)
 
 
 def test_a_cluster_on_this_machine_gets_absolute_local_paths(project):
     write_config(project, {"data": {"source": "../data/train.jsonl", "format": "instruction"},
                            "cluster": {"work_dir": "work"}, "registry": {"root": "reg"}})
-    plan = plan_submission(project / "configs" / "demo.yaml", LOCAL, working_dir=project)
-    sets = entrypoint_sets(plan.entrypoint)
+    p = plan(project / "configs" / "demo.yaml", local_cluster=True, working_dir=project)
+    sets = entrypoint_sets(p.entrypoint)
     assert sets["data.source"] == str(project / "data" / "train.jsonl")
     assert sets["cluster.work_dir"] == str(project / "configs" / "work")
     assert sets["registry.root"] == str(project / "configs" / "reg")
@@ -131,23 +142,27 @@ def test_a_cluster_on_this_machine_gets_absolute_local_paths(project):
 
 def test_config_outside_the_working_dir_is_refused(project, tmp_path_factory):
     with pytest.raises(UnreachableInputError, match="outside the working directory"):
-        plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=tmp_path_factory.mktemp("other"))
+        plan(project / "configs" / "demo.yaml", working_dir=tmp_path_factory.mktemp("other"))
 
 
 def test_invalid_config_fails_before_anything_is_submitted(project):
     write_config(project, {"data": {"source": "s3://b/x.jsonl", "format": "instruction"}, "train": {"lerning_rate": 1}})
     with pytest.raises(ConfigError, match=r"train\.lerning_rate: unknown key"):
-        plan_submission(project / "configs" / "demo.yaml", REMOTE, working_dir=project)
+        plan(project / "configs" / "demo.yaml", working_dir=project)
 
 
-def test_cmd_submit_prints_the_refusal_and_returns_2(project, capsys, monkeypatch):
+def test_cmd_submit_prints_the_refusal_and_returns_2(project, head, capsys, monkeypatch):
     monkeypatch.chdir(project)
-    (project / ".gitignore").write_text("data/\n")
+    write_config(project, {"data": {"source": "../data/nope.jsonl", "format": "instruction"}})
     parser = argparse.ArgumentParser()
     jobs.add_submit_arguments(parser)
-    args = parser.parse_args(["configs/demo.yaml", "--address", REMOTE, "--set", "train.lr=0.001"])
+    args = parser.parse_args(["configs/demo.yaml", "--address", head.dashboard_url, "--set", "train.lr=0.001"])
     assert jobs.cmd_submit(args) == 2
-    assert "data.source" in capsys.readouterr().err
+    assert "data.source: ../data/nope.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_a_head_on_this_machine_is_recognised_as_local(head):
+    assert jobs.cluster_on_this_machine(head.dashboard_url)
 
 
 # ---- exit codes and auth, no cluster needed ----
@@ -180,12 +195,6 @@ def test_an_address_without_a_job_server_is_a_clear_error():
 
 
 # ---- real jobs on a private head ----
-
-@pytest.fixture(scope="module")
-def head():
-    with private_head(num_cpus=2, auth_mode="disabled") as h:
-        yield h
-
 
 def test_a_job_imports_the_shipped_workflows_package_and_succeeds(head, tmp_path):
     marker = tmp_path / "marker.txt"

@@ -11,22 +11,20 @@ directory. Each path the config names is therefore sorted before submitting:
 | local output (`cluster.work_dir`, `cluster.runs_dir`, `registry.root`) | absolute | relative: refused (it would land in the job's temporary copy and vanish); absolute or `~`: the cluster's own path |
 
 "Absolute" means the job gets the path as this machine resolves it (`--set key=/abs/path` in the
-entrypoint), so a relative path does not silently move into the job's temporary directory.
+entrypoint), so a relative path does not silently move into the job's temporary directory. The
+entrypoint also sets `cluster.address=auto`: the driver joins the cluster it runs in.
 """
 
 from __future__ import annotations
 
 import glob
-import ipaddress
 import json
 import logging
 import os
 import shlex
-import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from workflows.config import PipelineConfig, load_config
 
@@ -53,21 +51,6 @@ class SubmissionPlan:
 
 def is_remote_uri(path: str) -> bool:
     return "://" in path
-
-
-def address_is_local(address: str) -> bool:
-    """Whether a job server address points at this machine (then local paths are visible to it)."""
-    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
-    if host in ("localhost", socket.gethostname()):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # a DNS name: assume another machine rather than resolve it here
-    import psutil
-
-    own = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
-    return ip.is_loopback or str(ip) in own
 
 
 def shipped_files(working_dir: Path, excludes: Sequence[str]) -> set[Path]:
@@ -209,12 +192,13 @@ class _Planner:
                                  f"gs://... or a path every node sees (--set {key}=/mnt/shared/...)")
 
 
-def plan_submission(config_path: str | Path, address: str, *, overrides: Sequence[str] = (),
+def plan_submission(config_path: str | Path, address: str, *, local_cluster: bool, overrides: Sequence[str] = (),
                     working_dir: str | Path | None = None, env_vars: Mapping[str, str] | None = None,
                     pip: Sequence[str] = (), shared_mounts: Sequence[str] = (), command: str = "run",
                     excludes: Sequence[str] = DEFAULT_EXCLUDES,
                     ship_limit_bytes: int = DEFAULT_SHIP_LIMIT_BYTES) -> SubmissionPlan:
-    """Validate the config and sort its paths for a job on `address`.
+    """Validate the config and sort its paths for a job on `address`; `local_cluster` says whether
+    every node of that cluster runs on this machine (`jobs.cluster_on_this_machine` asks it).
 
     Raises ConfigError for an invalid config and UnreachableInputError listing every path the
     cluster could not use. Shared mounts also come from $LORAFLOW_SHARED_MOUNTS (os.pathsep list).
@@ -228,7 +212,7 @@ def plan_submission(config_path: str | Path, address: str, *, overrides: Sequenc
         raise UnreachableInputError(f"config {config_path} is outside the working directory {wd}, so the job "
                                     "could not read it; run from the project folder or pass --working-dir")
     mounts = [*shared_mounts, *filter(None, os.environ.get("LORAFLOW_SHARED_MOUNTS", "").split(os.pathsep))]
-    planner = _Planner(cfg, wd, address_is_local(address), [Path(m).expanduser().resolve() for m in mounts],
+    planner = _Planner(cfg, wd, local_cluster, [Path(m).expanduser().resolve() for m in mounts],
                        excludes, ship_limit_bytes)
     if not planner.local_cluster and config_file not in planner.shipped():
         planner.problems.append(f"config {config_path} is excluded from the upload (.gitignore, .rayignore "
@@ -241,6 +225,8 @@ def plan_submission(config_path: str | Path, address: str, *, overrides: Sequenc
         raise UnreachableInputError(f"{config_path}: the cluster at {address} could not use these paths:\n  "
                                     + "\n  ".join(planner.problems))
 
+    # The driver runs inside the cluster: join it (Ray sets RAY_ADDRESS for a job) rather than start one.
+    planner.rewrites["cluster.address"] = "auto"
     # JSON is valid YAML, and it quotes anything odd in a path.
     sets = [*overrides, *(f"{k}={json.dumps(v)}" for k, v in planner.rewrites.items())]
     argv = ["loraflow", command, config_file.relative_to(wd).as_posix()]

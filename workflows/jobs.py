@@ -22,9 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +138,30 @@ def connect(address: str):
         return JobSubmissionClient(address, headers=auth_headers())
 
 
+def cluster_on_this_machine(address: str) -> bool:
+    """Whether every node of the cluster runs on this machine, so local paths are visible to it.
+
+    Asked of the cluster rather than read off the address: a remote dashboard reached through
+    `kubectl port-forward` or `ray dashboard` is http://127.0.0.1:8265 too.
+    """
+    import psutil
+
+    request = urllib.request.Request(f"{address.rstrip('/')}/nodes?view=summary", headers=auth_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            nodes = json.load(r)["data"]["summary"]
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise JobsError(_auth_failure_message(address, e)) from None
+        raise JobsError(f"the Ray dashboard at {address} answered {e.code} to a node query") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise JobsError(f"cannot reach a Ray job server at {address} ({e}). Is the head running, and is this "
+                        "its dashboard address (http://HOST:8265 by default)?") from None
+    own_ips = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
+    return bool(alive) and all(n.get("hostname") == socket.gethostname() and n.get("ip") in own_ips for n in alive)
+
+
 def _outcome(client, job_id: str) -> JobOutcome:
     info = client.get_job_info(job_id)
     status = str(getattr(info.status, "value", info.status))
@@ -191,7 +219,7 @@ def submit(config_path: str | Path, address: str, *, overrides: Sequence[str] = 
     """Submit `loraflow <command> <config>` as a Ray Job (see `workflows.job_plan` for what is
     checked and shipped). Raises ConfigError / JobsError before submitting when it cannot run."""
     out = out or sys.stdout
-    plan = plan_submission(config_path, address, overrides=overrides, working_dir=working_dir,
+    plan = plan_submission(config_path, address, local_cluster=cluster_on_this_machine(address), overrides=overrides, working_dir=working_dir,
                            env_vars=env_vars, pip=pip, shared_mounts=shared_mounts, command=command,
                            ship_limit_bytes=ship_limit_bytes)
     for note in plan.notes:
@@ -318,6 +346,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 __all__ = [
     "EXIT_STOPPED", "JobOutcome", "JobsError", "SubmissionPlan", "add_jobs_arguments", "add_submit_arguments",
-    "auth_headers", "auth_token", "cmd_jobs", "cmd_submit", "connect", "exit_code_for", "job_logs",
+    "auth_headers", "auth_token", "cluster_on_this_machine", "cmd_jobs", "cmd_submit", "connect", "exit_code_for", "job_logs",
     "job_status", "plan_submission", "UnreachableInputError", "stop_job", "submit", "submit_entrypoint", "wait_for_job",
 ]
