@@ -160,8 +160,15 @@ def verify_checksum(directory: str | os.PathLike) -> None:
                                f"({lineage.get('weights_sha256')}): the file is damaged or was replaced")
 
 
-def check_servable(directory: str | os.PathLike) -> tuple[bool, list[str]]:
-    """Would vLLM (`--enable-lora`) accept this adapter? Returns (ok, reasons it would not)."""
+def check_servable(directory: str | os.PathLike, max_lora_rank: int = 16) -> tuple[bool, list[str]]:
+    """Would vLLM (`--enable-lora --max-lora-rank N`, default 16) accept this adapter?
+
+    Returns (ok, reasons it would not). vLLM's rules (LORA_ANCHORS.md 5.5): r, lora_alpha and
+    target_modules present; modules_to_save null; no DoRA; r <= max_lora_rank, itself one of
+    1, 8, 16, 32, 64, 128, 256, 320, 512; only lora_A/lora_B tensors in the weights file.
+    """
+    if max_lora_rank not in VLLM_RANKS:
+        raise ValueError(f"max_lora_rank must be one of vLLM's values {VLLM_RANKS}, got {max_lora_rank}")
     directory = Path(directory)
     try:
         data = json.loads((directory / CONFIG_NAME).read_text())
@@ -175,8 +182,11 @@ def check_servable(directory: str | os.PathLike) -> tuple[bool, list[str]]:
         reasons.append(f"modules_to_save={data['modules_to_save']!r}: vLLM only supports modules_to_save=None")
     if data.get("use_dora"):
         reasons.append("use_dora=true: vLLM does not support DoRA")
-    if data.get("r") is not None and data["r"] not in VLLM_RANKS:
-        reasons.append(f"r={data['r']} is not one of vLLM's max_lora_rank values {VLLM_RANKS}")
+    r = data.get("r")
+    if isinstance(r, int) and r > max_lora_rank:
+        fits = [v for v in VLLM_RANKS if v >= r]
+        hint = f"serve with --max-lora-rank {fits[0]}" if fits else f"vLLM's largest is {VLLM_RANKS[-1]}"
+        reasons.append(f"r={r} is greater than max_lora_rank {max_lora_rank} ({hint})")
     try:
         with safe_open(directory / WEIGHTS_NAME, "pt") as f:
             keys = list(f.keys())

@@ -1,0 +1,303 @@
+"""LoraLinear and the sibling down-projection: the math, dtypes, merging, dropout, checkpointing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from lora_core import LoraConfig, adapter_parameters, apply_lora
+from lora_core.inject import lora_layers
+from lora_core.layers import AdapterModule, LoraLinear
+from lora_core.siblings import SiblingGroup, keep_mask
+
+
+def linear(kind: str, in_f: int = 12, out_f: int = 20, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.Linear(in_f, out_f) if kind == "linear" else Conv1D(out_f, in_f)
+    nn.init.normal_(layer.bias)
+    return layer.to(dtype).requires_grad_(False)
+
+
+def randomize_b(layer: LoraLinear) -> None:
+    with torch.no_grad():
+        nn.init.normal_(layer.lora_B.weight)
+        if layer.lora_B.bias is not None:
+            nn.init.normal_(layer.lora_B.bias)
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight as (out, in) whatever the layer stores."""
+    return base.weight.t() if isinstance(base, Conv1D) else base.weight
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg)
+
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_fresh_adapter_is_a_noop(kind):
+    base = linear(kind)
+    x = torch.randn(3, 5, 12)
+    expected = base(x)
+    layer = LoraLinear(base, r=4, alpha=8)
+    assert torch.equal(layer.lora_B.weight, torch.zeros(20, 4))
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("rslora,lora_bias", [(False, False), (True, True)])
+def test_forward_is_base_plus_scaled_low_rank_update(kind, rslora, lora_bias):
+    layer = LoraLinear(linear(kind), r=4, alpha=6, use_rslora=rslora, lora_bias=lora_bias)
+    randomize_b(layer)
+    x = torch.randn(2, 7, 12)
+    scaling = 6 / math.sqrt(4) if rslora else 6 / 4
+    delta = x @ layer.lora_A.weight.t() @ layer.lora_B.weight.t()
+    if lora_bias:
+        delta = delta + layer.lora_B.bias
+    expected = F.linear(x, dense_weight(layer.base_layer), layer.base_layer.bias) + scaling * delta
+    assert layer.scaling == scaling
+    assert layer.lora_A.weight.shape == (4, 12) and layer.lora_B.weight.shape == (20, 4)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_gaussian_init_draws_a_with_std_one_over_r():
+    layer = LoraLinear(linear("linear", in_f=256, out_f=8), r=16, alpha=16, init="gaussian")
+    assert abs(layer.lora_A.weight.std().item() - 1 / 16) < 0.01
+    assert not layer.lora_B.weight.any()
+
+
+def test_kaiming_init_bounds_a_by_one_over_sqrt_fan_in():
+    layer = LoraLinear(linear("linear", in_f=64), r=8, alpha=8)
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
+    assert layer.lora_A.weight.abs().max() <= bound
+    assert layer.lora_A.weight.abs().max() > 0.8 * bound
+
+
+def test_only_linear_and_conv1d_can_be_wrapped():
+    with pytest.raises(TypeError, match="Embedding"):
+        LoraLinear(nn.Embedding(4, 4), r=2, alpha=2)
+
+
+def test_layer_exposes_its_adapter_parameters_structurally():
+    layer = LoraLinear(linear("linear"), r=2, alpha=2, lora_bias=True)
+    assert isinstance(layer, AdapterModule)
+    assert set(layer.adapter_params()) == {"lora_A.weight", "lora_B.weight", "lora_B.bias"}
+    assert all(p is dict(layer.named_parameters())[k] for k, p in layer.adapter_params().items())
+
+
+def test_bf16_base_keeps_fp32_adapter_and_returns_base_dtype():
+    base16 = linear("linear", dtype=torch.bfloat16)
+    layer = LoraLinear(base16, r=4, alpha=8, lora_bias=True)
+    randomize_b(layer)
+    x = torch.randn(4, 12, dtype=torch.bfloat16)
+    out = layer(x)
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_B.weight.dtype == torch.float32
+    assert out.dtype == torch.bfloat16
+    # The sum is formed in fp32 and rounded once: equal to the fp32 reference rounded to bf16.
+    lora = (x.float() @ layer.lora_A.weight.t() @ layer.lora_B.weight.t() + layer.lora_B.bias) * 2.0
+    reference = (base16(x).float() + lora).to(torch.bfloat16)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_bf16_base_gets_fp32_adapter_gradients():
+    layer = LoraLinear(linear("linear", dtype=torch.bfloat16), r=4, alpha=8)
+    randomize_b(layer)
+    layer(torch.randn(4, 12, dtype=torch.bfloat16)).float().square().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_A.weight.grad.abs().sum() > 0
+    assert layer.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merged_layer_computes_the_same_function_and_unmerge_restores_the_base(kind):
+    layer = LoraLinear(linear(kind), r=4, alpha=8, lora_bias=True)
+    randomize_b(layer)
+    x = torch.randn(3, 12)
+    before_w, before_b = layer.base_layer.weight.clone(), layer.base_layer.bias.clone()
+    expected = layer(x)
+    layer.merge()
+    assert layer.merged and not torch.equal(layer.base_layer.weight, before_w)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.base_layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, before_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.base_layer.bias, before_b, rtol=0, atol=1e-6)
+
+
+def test_merge_into_bf16_computes_the_delta_in_fp32_and_casts_once():
+    base16 = linear("linear", dtype=torch.bfloat16)
+    original = base16.weight.clone()
+    layer = LoraLinear(base16, r=4, alpha=8)
+    randomize_b(layer)
+    delta = (layer.lora_B.weight @ layer.lora_A.weight) * 2.0
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, (original.float() + delta).to(torch.bfloat16))
+
+
+def test_merge_refuses_non_finite_weights_and_leaves_the_base_alone():
+    layer = LoraLinear(linear("linear"), r=2, alpha=2)
+    before = layer.base_layer.weight.clone()
+    with torch.no_grad():
+        layer.lora_B.weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, before)
+
+
+def test_merge_is_never_implicit_in_train_or_eval():
+    layer = LoraLinear(linear("linear"), r=2, alpha=2)
+    randomize_b(layer)
+    before = layer.base_layer.weight.clone()
+    layer.eval()
+    layer.train()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, before)
+
+
+def test_dropout_mask_drops_p_and_scales_to_keep_the_expectation():
+    torch.manual_seed(0)
+    keep, scale = keep_mask(torch.Size([400, 1000]), 0.05, torch.device("cpu"))
+    drop_rate = 1 - keep.float().mean().item()
+    assert abs(drop_rate - 0.05) < 0.002
+    assert abs(scale * keep.float().mean().item() - 1) < 0.003
+    assert abs(scale - 1 / (1 - 0.05)) < 1e-4
+
+
+def test_zero_dropout_draws_no_random_numbers_in_training():
+    layer = LoraLinear(linear("linear"), r=2, alpha=2, dropout=0.0).train()
+    x = torch.randn(3, 12, requires_grad=True)
+    state = torch.get_rng_state()
+    layer(x).sum().backward()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_dropout_applies_only_in_training_and_only_to_the_lora_branch():
+    layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.5)
+    randomize_b(layer)
+    x = torch.randn(64, 12)
+    no_dropout = LoraLinear(linear("linear"), r=4, alpha=8)
+    no_dropout.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer.eval()(x), no_dropout(x))
+    trained = layer.train()(x)
+    assert not torch.allclose(trained, no_dropout(x))
+    with torch.no_grad():
+        layer.lora_B.weight.zero_()  # LoRA branch off: dropout must not touch the base path
+    torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
+
+
+def test_dropout_gradients_are_exact_for_the_mask_drawn():
+    layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.3).train()
+    randomize_b(layer)
+    x = torch.randn(5, 12, requires_grad=True)
+    torch.manual_seed(7)
+    layer(x).square().sum().backward()
+    ours = (x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    a = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    torch.manual_seed(7)
+    keep, scale = keep_mask(x.shape, 0.3, x.device)
+    dropped = x_ref * keep * scale
+    out = layer.base_layer(x_ref) + 2.0 * (dropped @ a.t() @ b.t())
+    out.square().sum().backward()
+    for got, want in zip(ours, (x_ref.grad, a.grad, b.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def _llama_with_lora(dropout: float, fuse: bool, seed: int = 0) -> LlamaForCausalLM:
+    model = apply_lora(tiny_llama(seed), LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=ALL_PROJ))
+    torch.manual_seed(1)
+    for layer in lora_layers(model).values():
+        randomize_b(layer)
+        if not fuse:
+            layer.siblings = None
+    return model
+
+
+def _loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 3):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in adapter_parameters(model).items()}
+
+
+def test_q_k_v_and_gate_up_form_sibling_groups():
+    model = _llama_with_lora(0.0, fuse=True)
+    attn = model.model.layers[0].self_attn
+    mlp = model.model.layers[0].mlp
+    assert isinstance(attn.q_proj.siblings, SiblingGroup)
+    assert attn.q_proj.siblings is attn.k_proj.siblings is attn.v_proj.siblings
+    assert mlp.gate_proj.siblings is mlp.up_proj.siblings is not attn.q_proj.siblings
+    assert attn.o_proj.siblings is None and mlp.down_proj.siblings is None
+
+
+def test_fused_siblings_give_the_same_loss_and_gradients_as_separate_layers():
+    ids = torch.randint(0, 96, (2, 16))
+    fused_loss, fused = _loss_and_grads(_llama_with_lora(0.0, fuse=True).train(), ids)
+    separate_loss, separate = _loss_and_grads(_llama_with_lora(0.0, fuse=False).train(), ids)
+    torch.testing.assert_close(fused_loss, separate_loss)
+    assert fused.keys() == separate.keys()
+    for name in fused:
+        torch.testing.assert_close(fused[name], separate[name], msg=name)
+
+
+def test_siblings_share_one_dropout_mask():
+    model = _llama_with_lora(0.5, fuse=True).train()
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():  # identical k and v adapters: equal LoRA branches iff the masks are equal
+        attn.v_proj.lora_A.weight.copy_(attn.k_proj.lora_A.weight)
+        attn.v_proj.lora_B.weight.copy_(attn.k_proj.lora_B.weight)
+        attn.v_proj.base_layer.weight.copy_(attn.k_proj.base_layer.weight)
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(attn.k_proj(x), attn.v_proj(x))
+    attn.k_proj.siblings = attn.v_proj.siblings = None  # separate layers draw separate masks
+    assert not torch.allclose(attn.k_proj(x), attn.v_proj(x))
+
+
+def test_siblings_called_on_different_inputs_compute_each_their_own():
+    model = _llama_with_lora(0.0, fuse=True).eval()
+    attn = model.model.layers[0].self_attn
+    x1, x2 = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    fused = (attn.q_proj(x1), attn.k_proj(x2), attn.v_proj(x1))
+    for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
+        layer.siblings = None
+    separate = (attn.q_proj(x1), attn.k_proj(x2), attn.v_proj(x1))
+    for got, want in zip(fused, separate):
+        torch.testing.assert_close(got, want)
+
+
+def test_siblings_notice_an_input_modified_in_place_between_calls():
+    model = _llama_with_lora(0.0, fuse=True).eval()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32)
+    attn.q_proj(x)
+    x.mul_(3)
+    k_after_change = attn.k_proj(x)
+    attn.k_proj.siblings = None
+    torch.testing.assert_close(k_after_change, attn.k_proj(x))
+
+
+def test_non_reentrant_checkpointing_reproduces_loss_and_gradients_with_dropout():
+    ids = torch.randint(0, 96, (2, 16))
+    plain_loss, plain = _loss_and_grads(_llama_with_lora(0.1, fuse=True).train(), ids)
+    model = _llama_with_lora(0.1, fuse=True).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+    ckpt_loss, ckpt = _loss_and_grads(model, ids)
+    assert len(calls) == 2  # forward + recomputation in backward: checkpointing really ran
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], msg=name)
