@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: venv
-	$(VENV)/bin/loraflow demo
+	$(VENV)/bin/loraflow run configs/demo.yaml
 
 test: venv
 	$(PY) -m pytest -q --durations=15 tests
