@@ -166,41 +166,46 @@ def cmd_retrain(args) -> int:
 # --- registry, generate, predict ------------------------------------------------------------------
 
 def cmd_registry(args) -> int:
-    from workflows.registry import Registry
+    from workflows.registry import Ref, Registry
 
     reg = Registry(args.root)
     action = args.action
+    if action != "list" and not args.ref:
+        print(f"loraflow registry {action}: a reference is required (name, name:version or name@alias)",
+              file=sys.stderr)
+        return EXIT_CONFIG
     if action == "list":
-        rows = reg.list(args.name)
+        versions = reg.list_versions(args.ref or args.name)
         if args.json:
-            _emit_json(rows)
-        else:
-            print_table([(r["name"], r["version"], ",".join(r.get("aliases", [])), r.get("servable"),
-                          r.get("created")) for r in rows], header=("name", "version", "aliases", "servable", "created"))
+            _emit_json([{**v.to_dict(), "aliases": sorted(a for a, n in reg.aliases(v.name).items()
+                                                          if n == v.version)} for v in versions])
+            return EXIT_OK
+        aliases = {name: reg.aliases(name) for name in {v.name for v in versions}}
+        print_table([(v.ref, ",".join(sorted(a for a, n in aliases[v.name].items() if n == v.version)),
+                      "yes" if v.servable else "no", _fmt(v.metrics.get(args.metric, "")), v.created)
+                     for v in versions], header=("version", "aliases", "vLLM", args.metric, "created"))
         return EXIT_OK
     if action == "show":
         _emit_json(reg.show(args.ref))
         return EXIT_OK
     if action == "promote":
-        name, version = args.ref.split(":", 1)
-        reg.promote(name, int(version), args.alias, reason=args.reason or "manual promotion")
-        print(f"{name}@{args.alias} -> {name}:{version}")
+        ref = Ref.parse(args.ref)
+        move = reg.promote(ref.name, reg.get(ref).version, args.alias, reason=args.reason or "manual promotion")
+    elif action == "rollback":
+        name, _, alias = args.ref.partition("@")  # `demo` or `demo@champion`
+        move = reg.rollback(name, alias or args.alias, reason=args.reason or "manual rollback")
+    elif action == "export":
+        if not args.out:
+            print("loraflow registry export: --out DIR is required", file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"exported {args.ref} to {reg.export(args.ref, args.out)}")
         return EXIT_OK
-    if action == "rollback":
-        name = args.ref
-        moved = reg.rollback(name, args.alias, reason=args.reason or "manual rollback")
-        print(f"{name}@{args.alias} -> {name}:{moved}")
+    else:
+        reg.delete(args.ref)
+        print(f"deleted {args.ref} (soft: files kept, no longer resolvable)")
         return EXIT_OK
-    if action == "export":
-        out = reg.export(args.ref, args.out)
-        print(f"exported {args.ref} to {out}")
-        return EXIT_OK
-    if action == "delete":
-        name, version = args.ref.split(":", 1)
-        reg.delete(name, int(version))
-        print(f"deleted {args.ref}")
-        return EXIT_OK
-    raise AssertionError(action)
+    print(f"{move.name}@{move.alias}: {move.from_version} -> {move.to_version} ({move.reason})")
+    return EXIT_OK
 
 
 def _adapter_path(ref: str | None, root: str) -> str | None:
@@ -292,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", nargs="?", help="name (list, rollback), name:version or name@alias")
     p.add_argument("--root", default="~/.cache/loraflow/registry", help="registry root (registry.root)")
     p.add_argument("--name", help="list: only this name")
+    p.add_argument("--metric", default="loss", help="list: the metric column to show")
     p.add_argument("--alias", default="champion")
     p.add_argument("--reason")
     p.add_argument("--out", help="export: destination folder")
@@ -343,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     from workflows.config import ConfigError
     from workflows.dag import LockHeldError
+    from workflows.registry_base import RegistryError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, RegistryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except LockHeldError as e:
