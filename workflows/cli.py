@@ -163,6 +163,25 @@ def cmd_retrain(args) -> int:
     return EXIT_GATE if args.strict and out.status == "kept-champion" else EXIT_OK
 
 
+def cmd_tune(args) -> int:
+    from workflows.config import ConfigError
+    from workflows.tune import tune_then_run
+
+    cfg = _load(args)
+    if cfg.tune is None:
+        raise ConfigError(f"config {args.config} has no `tune:` section (search_space, num_trials, ...)")
+    manifest = tune_then_run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.json:
+        _emit_json(manifest)
+        return EXIT_OK
+    trials = manifest["tune"]["trials"]
+    keys = list(trials[0]) if trials else []
+    print_table([tuple(_fmt(t[k]) for k in keys) for t in trials], header=tuple(keys))
+    print(f"\nbest: {manifest['tune']['best_params']} ({cfg.tune.metric}={_fmt(manifest['tune']['best_metric'])})")
+    print_table(_summary(manifest), header=("stage", "result"))
+    return EXIT_OK
+
+
 # --- registry, generate, predict ------------------------------------------------------------------
 
 def cmd_registry(args) -> int:
@@ -280,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start", action="store_true", help="start training from the current champion adapter")
     p.add_argument("--wait", action="store_true", help="wait for a concurrent retrain instead of exiting")
     p.add_argument("--strict", action="store_true", help="exit 3 when the gate keeps the champion")
+    p = add("tune", "Ray Tune sweep over the `tune:` section's search space (ASHA on eval loss); the best "
+            "trial goes on through evaluate and register", cmd_tune, "loraflow tune configs/tune.yaml")
+    _config_args(p)
+    p.add_argument("--address", help="join an existing Ray cluster")
     p = add("dag", "print the stage graph with each stage's cache status, without running anything",
             cmd_dag, "loraflow dag configs/demo.yaml")
     _config_args(p)

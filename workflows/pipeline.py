@@ -42,26 +42,30 @@ class RunContext:
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
-def ensure_ray(ctx: RunContext) -> None:
-    """Start or join Ray once, the first time a stage needs it."""
+def start_ray(config: PipelineConfig, log: Callable[[str], None]) -> bool:
+    """Start a local Ray or join `cluster.address`; False when this process is already connected."""
     import ray
 
     if ray.is_initialized():
-        return
-    cluster = ctx.config.cluster
+        return False
+    cluster = config.cluster
     if cluster.address:
         ray.init(address=cluster.address, log_to_driver=True)
-        check_shared_storage(ctx.plan.layout.work)
+        check_shared_storage(Layout.of(config).work)
     else:
-        train = ctx.config.train
+        train = config.train
         # Train workers hold their CPUs for the whole fit; leave at least 2 logical CPUs for Ray Data
         # (a 2-core box deadlocks silently otherwise).
         want = int(train.num_workers * train.cpus_per_worker + 0.999) + 2
         num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, want)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    ctx.ray_started = True
-    ctx.log(f"[ray] connected: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
-            f"{len(ray.nodes())} node(s)")
+    log(f"[ray] connected: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)")
+    return True
+
+
+def ensure_ray(ctx: RunContext) -> None:
+    """Start or join Ray once, the first time a stage needs it (a fully cached run never does)."""
+    ctx.ray_started = start_ray(ctx.config, ctx.log) or ctx.ray_started
 
 
 def check_shared_storage(work: Path) -> None:

@@ -1,0 +1,138 @@
+"""`loraflow tune`: Ray Tune sweeps over any config key, with ASHA early stopping on eval loss.
+
+Under Ray Train V2 a trial is a plain Tune function that builds and fits a `TorchTrainer` with a
+`TuneReportCallback` (`Tuner(TorchTrainer(...))` is an error in 2.60). The trial function itself
+holds no CPUs, so its trainer's workers and Ray Data can be placed. ASHA acts on the eval loss the
+train stage reports every `train.eval_every` steps.
+
+The best trial's Ray Train run is committed as the train stage output of the best config, so the
+DAG then sees train as a cache hit and only evaluates and registers it, like any other run.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workflows.config import PipelineConfig, apply_overrides, config_from_dict
+
+_TUNE_RESULT_KEYS = ("eval_loss", "loss", "step", "tokens_per_s")
+
+
+def _distribution(spec: dict[str, list[Any]]):
+    from ray import tune
+
+    (kind, args), = spec.items()
+    if kind == "choice":
+        return tune.choice(args)
+    if kind == "grid":
+        return tune.grid_search(args)
+    if kind == "uniform":
+        return tune.uniform(*args)
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    return tune.randint(*args)
+
+
+def config_with(config: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
+    """The pipeline config with a trial's parameters (dotted keys) applied, validated again."""
+    raw = config.model_dump(mode="json", exclude={"tune"})
+    raw = apply_overrides(raw, [f"{k}={_yaml_scalar(v)}" for k, v in params.items()])
+    cfg = config_from_dict(raw, origin="tune trial", source_path=config.source_path)
+    return cfg
+
+
+def _yaml_scalar(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str | None, prepared_dir: str,
+           storage_path: str) -> None:
+    """One Tune trial = one Ray Train run. Module-level so it pickles by reference."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows.prepare import PreparedData
+    from workflows.train import build_trainer
+
+    base = config_from_dict(config_dict, origin="tune", source_path=source_path)
+    cfg = config_with(base, params)
+    run_name = f"trial-{tune.get_context().get_trial_id()}"
+    trainer = build_trainer(cfg, PreparedData.load(prepared_dir), storage_path, run_name,
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+@dataclass
+class TuneOutcome:
+    best_params: dict[str, Any]
+    best_metric: float | None
+    best_run_dir: Path
+    trials: list[dict[str, Any]]
+
+
+def run_tune(config: PipelineConfig, prepared_dir: Path, storage_path: Path, name: str) -> TuneOutcome:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    tc = config.tune
+    assert tc is not None, "config has no tune section"
+    space = {key: _distribution(spec) for key, spec in tc.search_space.items()}
+    scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=tc.grace_period,
+                               reduction_factor=tc.reduction_factor)
+                 if tc.asha else FIFOScheduler())
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, config_dict=config.model_dump(mode="json", exclude={"tune"}),
+                             source_path=config.source_path, prepared_dir=str(prepared_dir),
+                             storage_path=str(storage_path / "trials")),
+        {"CPU": 0})
+    has_grid = any("grid" in spec for spec in tc.search_space.values())
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=1 if has_grid else tc.num_trials,
+                                    max_concurrent_trials=tc.max_concurrent, scheduler=scheduler),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage_path)))
+    grid = tuner.fit()
+    trials = []
+    for result in grid:
+        row = {"trial": Path(result.path).name, **{k: result.config[k] for k in tc.search_space},
+               **{k: (result.metrics or {}).get(k) for k in _TUNE_RESULT_KEYS},
+               "error": str(result.error)[:200] if result.error else None}
+        trials.append(row)
+    best = grid.get_best_result(metric=tc.metric, mode=tc.mode, scope="all")
+    params = {k: best.config[k] for k in tc.search_space}
+    best_metric = best.metrics.get(tc.metric) if best.metrics else None
+    run_dir = storage_path / "trials" / f"trial-{best.metrics['trial_id']}"
+    return TuneOutcome(params, best_metric, run_dir, trials)
+
+
+def tune_then_run(config: PipelineConfig, log=print) -> dict[str, Any]:
+    """Prepare (cached), sweep, commit the best trial as the best config's train output, then run
+    the DAG on the best config: train is a hit, evaluate and register run."""
+    import ray
+
+    from workflows.dag import plan
+    from workflows.pipeline import run_pipeline, start_ray
+    from workflows.train import commit_run
+
+    started = start_ray(config, log)
+    try:
+        run_pipeline(config, until="prepare", log=log)
+        p = plan(config)
+        outcome = run_tune(config, p["prepare"].dir, p.layout.work / "tune",
+                           name=f"tune-{p['prepare'].fingerprint}")
+        best_config = config_with(config, outcome.best_params)
+        best_plan = plan(best_config)
+        if best_plan["train"].status != "hit":
+            commit_run(best_plan["train"].dir, outcome.best_run_dir)
+        manifest = run_pipeline(best_config, log=log)
+    finally:
+        if started:
+            ray.shutdown()
+    manifest["tune"] = {"best_params": outcome.best_params, "best_metric": outcome.best_metric,
+                        "trials": outcome.trials}
+    return copy.deepcopy(manifest)
