@@ -134,8 +134,8 @@ def test_a_cluster_on_this_machine_gets_absolute_local_paths(project):
     p = plan(project / "configs" / "demo.yaml", local_cluster=True, working_dir=project)
     sets = entrypoint_sets(p.entrypoint)
     assert sets["data.source"] == str(project / "data" / "train.jsonl")
-    assert sets["cluster.work_dir"] == str(project / "configs" / "work")
-    assert sets["registry.root"] == str(project / "configs" / "reg")
+    assert sets["cluster.work_dir"] == str(project / "work")  # outputs resolve against the working dir
+    assert sets["registry.root"] == str(project / "reg")
 
 
 def test_config_outside_the_working_dir_is_refused(project, tmp_path_factory):
@@ -230,6 +230,15 @@ def test_cmd_jobs_status_prints_the_outcome_and_returns_its_exit_code(head, caps
     code = jobs.cmd_jobs(parser.parse_args(["status", outcome.job_id, "--address", head.dashboard_url]))
     assert code == 5
     assert f"{outcome.job_id} FAILED (exit code 5)" in capsys.readouterr().out
+
+
+def test_loraflow_submit_ships_the_config_and_data_and_the_job_runs_loraflow_on_the_cluster(project, head, capsys):
+    from workflows.cli import main
+
+    code = main(["submit", str(project / "configs" / "demo.yaml"), "--address", head.dashboard_url,
+                 "--working-dir", str(project), "--command", "validate", "--set", "train.lr=0.001"])
+    assert code == 0
+    assert "configs/demo.yaml: ok" in capsys.readouterr().out  # printed by `loraflow validate` in the job
 
 
 def test_an_unknown_job_id_is_a_clear_error(head):

@@ -8,7 +8,7 @@ directory. Each path the config names is therefore sorted before submitting:
 | `s3://`, `gs://`, any URL, `hf:<hub name>` | as is | as is |
 | under a declared shared mount (`--shared-mount`) | absolute | absolute |
 | local input (data, model dir, init adapter) | absolute | shipped with the working dir when it is inside it, not ignored, and the total stays under the ship limit; else refused |
-| local output (`cluster.work_dir`, `cluster.runs_dir`, `registry.root`) | absolute | relative: refused (it would land in the job's temporary copy and vanish); absolute or `~`: the cluster's own path |
+| local output (`cluster.work_dir`, `cluster.runs_dir`, `registry.root`) | absolute (relative ones against the working dir, as the stages resolve them) | relative: refused (it would land in the job's temporary copy and vanish); absolute or `~`: the cluster's own path |
 
 "Absolute" means the job gets the path as this machine resolves it (`--set key=/abs/path` in the
 entrypoint), so a relative path does not silently move into the job's temporary directory. The
@@ -32,7 +32,9 @@ DEFAULT_SHIP_LIMIT_BYTES = 100 * 2**20
 # Never worth uploading; Ray also honours .gitignore and .rayignore in the working dir.
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache"]
 OUTPUT_KEYS = ("cluster.work_dir", "cluster.runs_dir", "registry.root")
-COMMANDS = ("run", "retrain", "tune")
+# `validate` and `dag` are dry runs on the cluster's side: do its nodes see the data, which stages
+# would run from its work directory.
+COMMANDS = ("run", "retrain", "tune", "validate", "dag")
 
 
 class UnreachableInputError(ValueError):
@@ -180,16 +182,20 @@ class _Planner:
         value = getattr(getattr(self.cfg, section), name)
         if is_remote_uri(value):
             return
-        resolved = self.cfg.resolve_path(value)
-        if self.local_cluster or _under(Path(resolved), self.shared_mounts):
-            self._rewrite(key, resolved)
+        # The stages resolve output paths against the process's working directory, which for a job
+        # is its copy of the working directory: resolve them the same way here.
+        resolved = (self.working_dir / Path(value).expanduser()).resolve()
+        if self.local_cluster or _under(resolved, self.shared_mounts):
+            self._rewrite(key, str(resolved))
         elif value.startswith("~"):
             self.notes.append(f"{key}: {value} is on the disk of the node running the driver; keep it on a "
                               "persistent volume there (a pod's own disk does not survive the pod)")
         elif not Path(value).is_absolute():
+            where = ("a persistent disk of the head node, where the driver runs (--set registry.root=/mnt/registry)"
+                     if key == "registry.root" else
+                     f"s3://..., gs://... or a path every node sees (--set {key}=/mnt/shared/...)")
             self.problems.append(f"{key}: {value!r} is relative, so on the cluster it would land in the job's "
-                                 "temporary copy of the working directory and be lost; set it to s3://..., "
-                                 f"gs://... or a path every node sees (--set {key}=/mnt/shared/...)")
+                                 f"temporary copy of the working directory and be lost; set it to {where}")
 
 
 def plan_submission(config_path: str | Path, address: str, *, local_cluster: bool, overrides: Sequence[str] = (),

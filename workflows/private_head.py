@@ -168,8 +168,14 @@ class PrivateHead:
 
     def stop(self, remove_temp_dir: bool = True) -> None:
         """Kill exactly this cluster's processes (workers first, then the head)."""
+        failures = []
         for node in [*self.workers, self.head]:
-            kill_node_tree(node)
+            try:
+                kill_node_tree(node)
+            except RuntimeError as e:  # keep going: the other nodes must still be stopped
+                failures.append(str(e))
+        if failures:
+            raise RuntimeError("; ".join(failures))
         if remove_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
