@@ -351,7 +351,8 @@ def _add_optional_commands(sub, add) -> None:
         from workflows import jobs
     except ImportError:
         return
-    p = add("submit", "submit `loraflow run CONFIG` to a Ray cluster as a Ray Job", jobs.cmd_submit,
+    p = add("submit", "submit a loraflow command (`run CONFIG` by default) to a Ray cluster as a Ray Job",
+            jobs.cmd_submit,
             "loraflow submit configs/demo.yaml --address http://127.0.0.1:8265")
     jobs.add_submit_arguments(p)
     p = add("jobs", "status, logs or stop of a submitted Ray Job", jobs.cmd_jobs,

@@ -49,8 +49,10 @@ def start_ray(config: PipelineConfig, log: Callable[[str], None]) -> bool:
     if ray.is_initialized():
         return False
     cluster = config.cluster
-    if cluster.address:
-        ray.init(address=cluster.address, log_to_driver=True)
+    # Inside a Ray Job (`ray job submit -- loraflow run ...`) RAY_ADDRESS names the cluster to join.
+    address = cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    if address:
+        ray.init(address=address, log_to_driver=True)
         check_shared_storage(Layout.of(config).work)
     else:
         train = config.train
