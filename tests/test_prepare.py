@@ -41,14 +41,14 @@ def trained_runs(labels):
 @pytest.fixture(scope="module")
 def gsm8k(ray_session, shared_data, tmp_path_factory):
     cfg = make_config(shared_data / "gsm8k" / "train.jsonl", "instruction", fields=GSM8K_FIELDS,
-                      max_rows=300, max_seq_len=1024, eval_fraction=0.2, tokenize_actors=2)
+                      max_rows=200, max_seq_len=1024, eval_fraction=0.2, tokenize_actors=2)
     return cfg, run_prepare(cfg, tmp_path_factory.mktemp("gsm8k") / "prepared")
 
 
 @pytest.fixture(scope="module")
 def sgd(ray_session, shared_data, tmp_path_factory):
     cfg = make_config(shared_data / "sgd-dialogues" / "messages_train.jsonl", "chat",
-                      max_rows=120, max_seq_len=1024, eval_fraction=0.25)
+                      max_rows=80, max_seq_len=1024, eval_fraction=0.3)
     return cfg, run_prepare(cfg, tmp_path_factory.mktemp("sgd") / "prepared")
 
 
@@ -124,8 +124,8 @@ def test_packed_logits_equal_unpacked_logits(gsm8k):
 def test_counts_add_up_and_shards_cover_the_workers(gsm8k):
     cfg, prepared = gsm8k
     c = prepared.manifest["counts"]
-    assert c["rows_read"] == 300
-    assert c["train_rows"] + c["eval_rows"] + c["rejected_total"] + c["deduplicated"] + c["eval_capped"] == 300
+    assert c["rows_read"] == 200
+    assert c["train_rows"] + c["eval_rows"] + c["rejected_total"] + c["deduplicated"] + c["eval_capped"] == 200
     assert sum(r["num_examples"] for r in rows(prepared.train_files, ["num_examples"])) == c["train_rows"]
     assert len(prepared.train_files) >= max(2, cfg.train.num_workers)
     assert prepared.manifest["tokens"]["train"]["total"] == sum(
@@ -141,7 +141,7 @@ def test_manifest_records_tokenizer_and_input_identity(gsm8k, tok):
     assert m["tokenizer"]["eos_token_id"] == tok.eos_token_id
     assert m["input_digest"] == input_digest(cfg)
     assert m["schema"]["train"]["input_ids"] == "list<element: int32>"
-    assert dict(summary_rows(prepared))["rows read"] == "300"
+    assert dict(summary_rows(prepared))["rows read"] == "200"
 
 
 def test_same_input_and_config_give_the_same_rows(gsm8k, tmp_path):
@@ -211,6 +211,21 @@ def test_classification_rows_are_tokenized_with_special_tokens(banking):
     tok = load_tokenizer("tiny-bert")
     for r in rows(prepared.eval_files)[:20]:
         assert r["input_ids"][0] == tok.cls_token_id and r["input_ids"][-1] == tok.sep_token_id
+
+
+def test_hf_dataset_source_with_a_parquet_eval_source_and_an_eval_cap(ray_session, shared_data, tmp_path):
+    import datasets
+
+    lines = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()
+    datasets.Dataset.from_list([json.loads(x) for x in lines[:40]]).save_to_disk(str(tmp_path / "hf"))
+    datasets.Dataset.from_list([json.loads(x) for x in lines[40:60]]).to_parquet(str(tmp_path / "eval.parquet"))
+    cfg = make_config(f"hf:{tmp_path / 'hf'}", "instruction", fields=GSM8K_FIELDS, max_seq_len=1024,
+                      eval_source=str(tmp_path / "eval.parquet"), max_eval_rows=15)
+    prepared = run_prepare(cfg, tmp_path / "prepared")
+    c = prepared.manifest["counts"]
+    assert (c["rows_read"], c["train_rows"], c["eval_rows"], c["eval_capped"]) == (60, 40, 15, 5)
+    eval_answers = {json.loads(x)["answer"] for x in lines[40:60]}
+    assert {r["reference"] for r in rows(prepared.eval_files)} <= eval_answers
 
 
 # ----------------------------------------------------------------------------- rejects

@@ -10,10 +10,10 @@ Three steps, each with one job:
    templated formats find the assistant spans by rendering growing prefixes of the conversation:
    SmolLM2's template has no `{% generation %}` block, so `return_assistant_tokens_mask` would
    silently return all zeros.
-3. `ExampleEncoder.encode_batch` tokenizes the joined text once per example (a batched fast-
-   tokenizer call) and labels each token by the segment its first character falls in. Working on
-   character offsets instead of tokenizing segments separately keeps the ids identical to what
-   the model sees at inference: BPE merges across a segment seam are not split apart.
+3. `ExampleEncoder.encode_causal` tokenizes the joined text once per example (a batched fast-
+   tokenizer call) and labels each token by the segment its last character falls in. Working on
+   character offsets instead of tokenizing segments separately keeps the ids those of the whole
+   rendered conversation: BPE merges across a segment seam are not split apart.
 
 Label invariants (causal LM): `labels[i]` is `input_ids[i]` or -100; the unmasked labels of a
 response decode to exactly the response text + the end-of-turn token, once. For templates that
@@ -269,8 +269,10 @@ class ExampleEncoder:
         for s in segments:
             starts.append(pos)
             pos += len(s.text)
-        # Each token belongs to the segment its first character falls in (monotonic in t).
-        owner = [max(bisect.bisect_right(starts, lo) - 1, 0) for lo, _ in offsets]
+        # Each token belongs to the segment of its *last* character (monotonic in t). A token that
+        # BPE merged across a seam (a template's trailing space + the response's first word) is
+        # thus trained: every response character is learned, at the cost of that one template char.
+        owner = [max(bisect.bisect_right(starts, max(hi - 1, lo)) - 1, 0) for lo, hi in offsets]
         input_ids: list[int] = []
         labels: list[int] = []
         prompt_len, t = 0, 0
