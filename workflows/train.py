@@ -1,0 +1,275 @@
+"""The train stage: a Ray Train `TorchTrainer` running DDP LoRA on the prepared shards.
+
+    run_train(config, prepared, out_dir, storage_path, run_name) -> TrainResult
+
+Before anything starts it refuses what cannot work, naming the cause: a prepared dataset for
+another task or tokenizer (naming the manifest field), or more workers than the cluster can
+place (Ray would wait forever on a cluster without an autoscaler).
+
+Ray Train state (checkpoints, `metrics.jsonl`, the final adapter) lives in
+`<storage_path>/<run_name>/`, outside the stage directory: the same `run_name` resumes an
+interrupted run from its last registered checkpoint, and a finished one returns at once. The stage
+directory `out_dir` (adapter/, metrics.jsonl, result.json, _SUCCESS) is committed only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from workflows import __version__
+from workflows.artifacts import atomic_write_json, sha256_file, stage_output
+from workflows.config import PipelineConfig, TrainSection
+from workflows.train_loop import WorkerConfig, train_loop_per_worker
+
+
+class PreparedDataError(ValueError):
+    """The prepared dataset cannot feed this training config (names the manifest field)."""
+
+
+class ClusterTooSmallError(RuntimeError):
+    """The cluster cannot place the requested workers."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path  # the committed stage directory
+    adapter_dir: Path  # out_dir / "adapter": PEFT format + loraflow.json lineage
+    metrics: dict[str, Any]  # final metrics (also in result.json)
+    run_name: str
+    storage_path: str
+
+
+def run_train(config: PipelineConfig, prepared: Any, out_dir: str | Path, storage_path: str | Path,
+              run_name: str, *, stop_after_step: int | None = None) -> TrainResult:
+    """Fine-tune `config.model` with LoRA on `prepared` (a `PreparedData` or its directory).
+
+    `stop_after_step` is for tests and benchmarks: the workers stop after that step's report, as
+    if the run had been interrupted; calling again with the same `run_name` resumes it.
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    prepared = _as_prepared(prepared)
+    check_prepared(config, prepared)
+    tc = config.train
+    total_steps = plan_steps(_rows(prepared.train_files), tc)
+    check_cluster_fits(tc, ray.cluster_resources(), _max_cluster_resources())
+
+    run_dir = Path(storage_path).expanduser().resolve() / run_name
+    worker = WorkerConfig(
+        model=config.section("model"), lora=config.section("lora"), train=config.section("train"),
+        manifest=prepared.manifest, run_dir=str(run_dir), total_steps=total_steps,
+        num_labels=len(prepared.manifest["label_names"]) if prepared.task == "seq_cls" else None,
+        init_adapter=_resolve_init_adapter(config), base_identity=_base_identity(config),
+        lineage=_lineage(config, prepared, run_dir),
+        has_eval=bool(prepared.eval_files), stop_after_step=stop_after_step)
+    datasets = train_datasets(prepared, tc)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # same order every epoch and attempt: resume skips consumed batches
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(worker),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+        datasets=datasets,
+        # Only train is split; every worker reads the whole eval set and scores its share of the
+        # batches (streaming_split(equal=True) would drop the remainder rows of eval).
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+    )
+    trainer.fit()  # raises ray.train.TrainingFailedError when retries are exhausted
+    return _commit(Path(out_dir), run_dir)
+
+
+# Train shards up to this size are read once into the object store before fit(): every epoch and
+# every restarted worker group then splits blocks already in memory instead of re-running read
+# tasks (seconds each on a small machine), and a cluster whose workers hold every CPU cannot stall
+# on reads. Bigger data streams from storage each epoch.
+MATERIALIZE_MAX_BYTES = 512 * 2**20
+
+
+def train_datasets(prepared: Any, tc: TrainSection) -> dict[str, Any]:
+    """{"train": shards in file order, "eval": the rows periodic eval scores} as Ray Datasets.
+
+    Eval keeps only the rows `eval_batches` batches per worker can use, always materialized.
+    """
+    import ray
+
+    train = _in_file_order(ray.data.read_parquet(list(prepared.train_files)))
+    if sum(Path(f).stat().st_size for f in prepared.train_files) <= MATERIALIZE_MAX_BYTES:
+        train = train.materialize()
+    datasets = {"train": train}
+    if prepared.eval_files:
+        rows = tc.eval_batches * tc.batch_size * tc.num_workers
+        datasets["eval"] = _in_file_order(ray.data.read_parquet(list(prepared.eval_files))).limit(rows).materialize()
+    return datasets
+
+
+def _in_file_order(ds: Any) -> Any:
+    """Blocks in file order whatever order read tasks finish in (resume relies on it)."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+# --- checks before anything starts ---------------------------------------------------------------
+
+
+def _as_prepared(prepared: Any) -> Any:
+    if prepared is None:
+        raise PreparedDataError("no prepared dataset: run the prepare stage first")
+    if isinstance(prepared, (str, Path)):
+        from workflows.prepare import PreparedData
+
+        return PreparedData.load(prepared)  # refuses a directory without _SUCCESS
+    return prepared
+
+
+def check_prepared(config: PipelineConfig, prepared: Any) -> None:
+    """Refuse prepared data this model cannot train on, naming the manifest field and both values."""
+    from workflows.models import load_tokenizer, tokenizer_fingerprint
+
+    manifest, where = prepared.manifest, Path(prepared.root) / "manifest.json"
+    if manifest.get("task") != config.model.task:
+        raise PreparedDataError(f"{where}: manifest field 'task' is {manifest.get('task')!r} but "
+                                f"model.task is {config.model.task!r}; prepare the data for this task")
+    expected = tokenizer_fingerprint(load_tokenizer(config.model.name, revision=config.model.revision))
+    found = (manifest.get("tokenizer") or {}).get("fingerprint")
+    if found != expected:
+        raise PreparedDataError(
+            f"{where}: manifest field 'tokenizer.fingerprint' is {found!r} but the tokenizer of "
+            f"model {config.model.name!r} has {expected!r}: the data was tokenized for another model "
+            f"({(manifest.get('tokenizer') or {}).get('name')!r}); prepare it again for this model")
+    if not prepared.train_files:
+        raise PreparedDataError(f"{where}: manifest field 'shards.train' lists no train shards")
+    missing = [str(f) for f in prepared.train_files + prepared.eval_files if not Path(f).is_file()]
+    if missing:
+        raise PreparedDataError(f"{where}: manifest field 'shards' names files that do not exist: {missing[:3]}")
+    if config.model.task == "seq_cls" and not manifest.get("label_names"):
+        raise PreparedDataError(f"{where}: manifest field 'label_names' is empty; a classifier needs its labels")
+
+
+def check_cluster_fits(tc: TrainSection, total: dict[str, float], autoscale_max: dict[str, float] | None) -> None:
+    """Fail fast when `tc.num_workers` workers cannot be placed.
+
+    Without an autoscaler (`autoscale_max` is None) the cluster is what `ray.cluster_resources()`
+    says, and Ray Train would wait forever for workers that never fit; with one, its maximum counts.
+    Train workers hold their CPUs for the whole run, so a cluster with none left for Ray Data
+    would stall silently: that is refused too.
+    """
+    have = autoscale_max if autoscale_max is not None else total
+    want_cpu = tc.num_workers * tc.cpus_per_worker
+    problems = []
+    if want_cpu > have.get("CPU", 0):
+        problems.append(f"{tc.num_workers} workers x {tc.cpus_per_worker:g} CPU = {want_cpu:g} CPUs "
+                        f"but the cluster has {have.get('CPU', 0):g}")
+    elif autoscale_max is None and want_cpu >= have.get("CPU", 0) and not tc.use_gpu:
+        problems.append(f"the workers would take all {have.get('CPU', 0):g} CPUs, leaving none for Ray Data "
+                        "(training would hang); lower train.cpus_per_worker (fractions are fine) or add CPUs")
+    if tc.use_gpu and tc.num_workers > have.get("GPU", 0):
+        problems.append(f"{tc.num_workers} GPU workers but the cluster has {have.get('GPU', 0):g} GPUs")
+    if problems:
+        raise ClusterTooSmallError("cannot place the train workers: " + "; ".join(problems)
+                                   + " (train.num_workers / train.cpus_per_worker / train.use_gpu)")
+
+
+def _max_cluster_resources() -> dict[str, float] | None:
+    """The autoscaler's maximum cluster size, or None when the cluster does not autoscale."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: without it, behave as a fixed-size cluster
+        return None
+
+
+def plan_steps(train_rows: int, tc: TrainSection) -> int:
+    """Optimizer steps of the whole run.
+
+    Each of the `num_workers` ranks gets floor(rows / workers) rows (the equal split drops the
+    remainder), read in micro-batches of `batch_size`, `grad_accum` per step (the last step of an
+    epoch may have fewer). `max_steps` wins over `epochs`; fractional epochs round up.
+    """
+    rows_per_rank = train_rows // tc.num_workers
+    if rows_per_rank == 0:
+        raise PreparedDataError(f"{train_rows} train rows cannot feed {tc.num_workers} workers "
+                                "(each needs at least one row)")
+    steps_per_epoch = math.ceil(math.ceil(rows_per_rank / tc.batch_size) / tc.grad_accum)
+    return tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+
+
+def _rows(files: list[Path]) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _resolve_init_adapter(config: PipelineConfig) -> str | None:
+    ref = config.train.init_adapter
+    if not ref:
+        return None
+    path = Path(ref).expanduser()
+    if path.is_dir():  # a plain directory needs no registry
+        return str(path.resolve())
+    from workflows.registry import resolve_adapter
+
+    return str(resolve_adapter(ref, config.registry.root))
+
+
+def _base_identity(config: PipelineConfig) -> dict[str, Any]:
+    from workflows.models import base_identity
+
+    return base_identity(config.model.name, revision=config.model.revision)
+
+
+# --- committing the stage directory --------------------------------------------------------------
+
+
+def _lineage(config: PipelineConfig, prepared: Any, run_dir: Path) -> dict[str, Any]:
+    """What loraflow.json records beside lora_core's own fields (weights sha256, base identity)."""
+    manifest = prepared.manifest
+    return {
+        "prepared": {"root": str(prepared.root),
+                     "manifest_sha256": sha256_file(Path(prepared.root) / "manifest.json"),
+                     "rows_digest": manifest.get("rows_digest"), "input_digest": manifest.get("input_digest"),
+                     "tokenizer": manifest.get("tokenizer")},
+        "config": config.model_dump(mode="json"),
+        "ray_train": {"run_name": run_dir.name, "storage_path": str(run_dir.parent)},
+        "loraflow_version": __version__,
+    }
+
+
+def _commit(out_dir: Path, run_dir: Path) -> TrainResult:
+    final = run_dir / "final"
+    if not (final / "adapter").is_dir():
+        raise RuntimeError(f"Ray Train finished but {final / 'adapter'} is missing; rank 0 did not save it")
+    metrics = json.loads((final / "metrics.json").read_text())
+    run_name, storage_path = run_dir.name, str(run_dir.parent)
+    result = {"metrics": metrics, "run_name": run_name, "storage_path": storage_path, **metrics}
+    with stage_output(out_dir, success={"run_name": run_name}) as tmp:
+        shutil.copytree(final / "adapter", tmp / "adapter")
+        _write_metrics_log(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+        atomic_write_json(tmp / "result.json", result)
+    return TrainResult(out_dir=out_dir, adapter_dir=out_dir / "adapter", metrics=metrics,
+                       run_name=run_name, storage_path=storage_path)
+
+
+def _write_metrics_log(src: Path, dst: Path) -> None:
+    """Copy metrics.jsonl keeping one record per step: steps re-run after a resume replace the lost ones."""
+    by_step: dict[int, dict[str, Any]] = {}
+    if src.is_file():
+        for line in src.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    dst.write_text("".join(json.dumps(by_step[s]) + "\n" for s in sorted(by_step)))
