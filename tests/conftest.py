@@ -45,7 +45,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # address="local": always a new cluster, never one some other process left running here.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
