@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lora_core import LoraConfig, adapter_parameters, apply_lora, load_adapter, save_adapter
 from workflows.config import config_from_dict
-from workflows.evaluate import run_evaluate
+from workflows.evaluate import RowCountError, run_evaluate, split_by_model
 from workflows.generation import normalized_match
 from workflows.models import load_base, load_tokenizer
 from workflows.prepare import PreparedData
@@ -233,3 +233,22 @@ def test_classification_with_a_merged_adapter_agrees_with_the_reference(ray_sess
     assert new["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
     assert sum(c["support"] for c in new["per_class"].values()) == len(labels)
     assert set(new["per_class"]) == {names[c] for c in classes}
+
+
+# -- row accounting -----------------------------------------------------------------------------
+
+def _scored_table(pairs: list[tuple[str, str]]) -> pa.Table:
+    return pa.table({"example_id": [e for e, _ in pairs], "model": [m for _, m in pairs],
+                     "loss_sum": [1.0] * len(pairs)})
+
+
+def test_a_lost_row_fails_naming_the_example():
+    table = _scored_table([("a", "new"), ("b", "new"), ("a", "base")])
+    with pytest.raises(RowCountError, match=r"model 'base': 1 rows scored for 2 eval rows \(1 lost, 0 doubled; lost e.g. 'b'\)"):
+        split_by_model(table, ["a", "b"], ["base", "new"])
+
+
+def test_a_doubled_row_fails_naming_the_example():
+    table = _scored_table([("a", "new"), ("b", "new"), ("b", "new")])
+    with pytest.raises(RowCountError, match=r"1 doubled; doubled e.g. 'b'"):
+        split_by_model(table, ["a", "b"], ["new"])
