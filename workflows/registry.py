@@ -177,7 +177,6 @@ class Registry(AdapterRegistry):
         src = Path(adapter_dir).expanduser()
         check_adapter_dir(src)
         lineage_dict = dataclasses.asdict(Lineage.coerce(lineage))
-        servable, reasons = self._check_servable(src)
         name_dir = self.adapters_dir / name
         name_dir.mkdir(parents=True, exist_ok=True)
         staging = name_dir / f".staging-{uuid.uuid4().hex}"
@@ -186,6 +185,7 @@ class Registry(AdapterRegistry):
             # Hash the copy, not the source: what is recorded is exactly what is stored.
             files = file_hashes(staging)
             content = adapter_content_sha256(staging)
+            servable, reasons = self._check_servable(staging)  # judged on exactly what is stored
             for rel in files:
                 (staging / rel).chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
             with self._txn(write=True) as conn:
