@@ -187,6 +187,7 @@ class _Loop:
         self._window_start = time.perf_counter()
         self._run_start = time.perf_counter()
         self._steps_this_run = 0
+        self._window_steps = 0
         self._eval_cache: list[dict[str, torch.Tensor]] | None = None
 
     # -- data ------------------------------------------------------------------------------
@@ -258,6 +259,7 @@ class _Loop:
             grad_norm = self.step(group, state.step)
             state.step += 1
             self._steps_this_run += 1
+            self._window_steps += 1
             last = state.step == total
             log = last or state.step % tc["log_every"] == 0
             ckpt = last or bool(tc["checkpoint_every"]) and state.step % tc["checkpoint_every"] == 0
@@ -300,15 +302,19 @@ class _Loop:
             "train_loss": float(window[0] / window[1]) if window[1] > 0 else None,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
-            "tokens_per_s": float(window[2]) / elapsed,
+            "tokens_per_s": float(window[2]) / elapsed,  # all ranks, padding included
+            "step_time_s": elapsed / max(1, self._window_steps),
             "allreduce_bytes_per_step": per_step[-1] if per_step else 0,
             "allreduce_bytes_per_step_distinct": per_step,
             "elapsed_s": now - self._run_start,
             "steps_this_run": self._steps_this_run,
         }
+        if self.device.type == "cuda":
+            metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if do_eval:
             metrics["eval_loss"] = self.eval_loss()
         self._window.zero_()
+        self._window_steps = 0
         self._window_start = time.perf_counter()
         return metrics
 
