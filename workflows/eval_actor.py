@@ -100,8 +100,7 @@ class EvalScorer:
         """Loaded adapter first, then the base (adapter switched off), then the others."""
         models = self.spec.models
         first = [self.loaded] if self.loaded in models else []
-        return first + [m for m in models if m not in first and m == BASE] + \
-            [m for m in models if m not in first and m != BASE]
+        return first + sorted((m for m in models if m not in first), key=lambda m: m != BASE)
 
     @contextlib.contextmanager
     def _active(self, key: str):
