@@ -44,8 +44,23 @@ def print_table(rows: list[tuple[Any, ...]], header: tuple[str, ...] | None = No
             print("  ".join("-" * w for w in widths), file=out)
 
 
+_JSON_OUT = None  # with --json: the real stdout, kept for the one JSON document
+
+
 def _emit_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    out = _JSON_OUT or sys.stdout
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str), file=out, flush=True)
+
+
+def _reserve_stdout_for_json() -> None:
+    """Send everything else (progress, Ray worker logs relayed to the driver) to stderr, so stdout
+    holds exactly one JSON document a machine can parse."""
+    global _JSON_OUT
+    import os
+
+    sys.stdout.flush()
+    _JSON_OUT = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
 
 
 def _fmt(v: Any) -> str:
@@ -375,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     from workflows.dag import LockHeldError
     from workflows.registry_base import RegistryError
 
+    if getattr(args, "json", False):
+        _reserve_stdout_for_json()
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, RegistryError) as e:
