@@ -72,7 +72,7 @@ def run_train(config: PipelineConfig, prepared: Any, out_dir: str | Path, storag
         num_labels=len(prepared.manifest["label_names"]) if prepared.task == "seq_cls" else None,
         init_adapter=_resolve_init_adapter(config), base_identity=_base_identity(config),
         lineage=_lineage(config, prepared, run_dir),
-        has_eval=bool(prepared.eval_files), stop_after_step=stop_after_step)
+        has_eval=_rows(prepared.eval_files) > 0, stop_after_step=stop_after_step)
     datasets = train_datasets(prepared, tc)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same order every epoch and attempt: resume skips consumed batches
