@@ -137,6 +137,7 @@ class RegistrySection(Section):
 class ClusterSection(Section):
     address: str | None = None  # None: local ray.init(); "auto" inside a cluster / Ray Job
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local cluster
+    dashboard: bool = True  # a local cluster's dashboard, on 127.0.0.1 (http://127.0.0.1:8265)
     work_dir: str = "work"
     runs_dir: str = "runs"
 

@@ -60,7 +60,10 @@ def start_ray(config: PipelineConfig, log: Callable[[str], None]) -> bool:
         # (a 2-core box deadlocks silently otherwise).
         want = int(train.num_workers * train.cpus_per_worker + 0.999) + 2
         num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, want)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard also serves the state API Ray Train's placement-group cleaner polls; without
+        # it that monitor thread fails noisily. Bound to 127.0.0.1: nothing is exposed.
+        ray.init(num_cpus=num_cpus, include_dashboard=cluster.dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
     log(f"[ray] connected: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)")
     return True
 

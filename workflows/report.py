@@ -100,12 +100,16 @@ def write_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
         lines += ["", "## Evaluation (same rows for every model)", ""]
         lines += _table(["model", *keys], [[name, *(m.get(k, "") for k in keys)] for name, m in models.items()])
         diffs = ev.get("diff") or {}
-        if diffs:
-            lines += [""]
-            lines += _table(["comparison", "metric", "difference", "95% CI"],
-                            [[cmp, metric, d.get("value", d.get("new_minus_champion", "")), d.get("ci95", "")]
-                             for cmp, per in diffs.items() if isinstance(per, dict)
-                             for metric, d in per.items() if isinstance(d, dict)])
+        rows = []
+        for metric, d in diffs.items():
+            for other in ("base", "champion"):
+                if f"new_minus_{other}" in d:
+                    lo, hi = d.get(f"ci95_vs_{other}") or (None, None)
+                    ci = f"[{lo:.4g}, {hi:.4g}]" if lo is not None else ""
+                    rows.append([f"new − {other}", metric, d[f"new_minus_{other}"], ci])
+        if rows:
+            lines += ["", "Differences on the same rows, with paired-bootstrap 95% intervals:", ""]
+            lines += _table(["comparison", "metric", "difference", "95% CI"], rows)
 
     reg = stages.get("register", {}).get("outputs", {})
     if reg:
