@@ -83,7 +83,7 @@ def write_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
     rows = _read_jsonl(Path(train["metrics_path"])) if train.get("metrics_path") else []
     if rows or train.get("metrics"):
         lines += ["", "## Training", ""]
-        loss_png = _plot(run_dir, "loss.png", {"train loss": _series(rows, "loss"),
+        loss_png = _plot(run_dir, "loss.png", {"train loss": _series(rows, "train_loss"),
                                                "eval loss": _series(rows, "eval_loss")}, "loss")
         tps_png = _plot(run_dir, "tokens_per_s.png", {"tokens/s": _series(rows, "tokens_per_s")}, "tokens/s")
         lines += [f"![loss]({loss_png})" if loss_png else "", f"![tokens/s]({tps_png})" if tps_png else ""]
