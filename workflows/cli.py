@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_GATE, EXIT_LOCKED = 0, 1, 2, 3, 4
+DEFAULT_REGISTRY = os.environ.get("LORAFLOW_REGISTRY", "~/.cache/loraflow/registry")
 
 EPILOG = textwrap.dedent("""\
     examples:
@@ -56,7 +58,6 @@ def _reserve_stdout_for_json() -> None:
     """Send everything else (progress, Ray worker logs relayed to the driver) to stderr, so stdout
     holds exactly one JSON document a machine can parse."""
     global _JSON_OUT
-    import os
 
     sys.stdout.flush()
     _JSON_OUT = os.fdopen(os.dup(1), "w")
@@ -144,7 +145,6 @@ def cmd_run(args, until: str | None = None) -> int:
 
     cfg = _load(args)
     if getattr(args, "progress", True):
-        import os
 
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if sys.stderr.isatty() else "1")
     manifest = run_pipeline(cfg, force_from=getattr(args, "from_stage", None), until=until)
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
             "loraflow registry promote demo:2 --alias champion")
     p.add_argument("action", choices=["list", "show", "promote", "rollback", "export", "delete"])
     p.add_argument("ref", nargs="?", help="name (list, rollback), name:version or name@alias")
-    p.add_argument("--root", default="~/.cache/loraflow/registry", help="registry root (registry.root)")
+    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (registry.root)")
     p.add_argument("--name", help="list: only this name")
     p.add_argument("--metric", default="loss", help="list: the metric column to show")
     p.add_argument("--alias", default="champion")
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--adapter", help="adapter folder or registry reference (name@alias, name:3)")
-    p.add_argument("--root", default="~/.cache/loraflow/registry", help="registry root")
+    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (default $LORAFLOW_REGISTRY or ~/.cache/loraflow/registry)")
     p.add_argument("--max-new-tokens", type=int, default=128)
 
     p = add("predict", "classify texts with a classification adapter", cmd_predict,
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="+")
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--adapter", required=True, help="adapter folder or registry reference")
-    p.add_argument("--root", default="~/.cache/loraflow/registry", help="registry root")
+    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (default $LORAFLOW_REGISTRY or ~/.cache/loraflow/registry)")
     p.add_argument("--json", action="store_true")
     _add_optional_commands(sub, add)
     return parser
