@@ -144,9 +144,8 @@ def cmd_run(args, until: str | None = None) -> int:
     from workflows.pipeline import run_pipeline
 
     cfg = _load(args)
-    if getattr(args, "progress", True):
-
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if sys.stderr.isatty() else "1")
+    # Ray Data's progress bars on a terminal; off in logs, where they re-print every second.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if sys.stderr.isatty() else "1")
     manifest = run_pipeline(cfg, force_from=getattr(args, "from_stage", None), until=until)
     if args.json:
         _emit_json(manifest)
