@@ -178,6 +178,7 @@ def main() -> None:
 
     from workflows.models import load_tokenizer
 
+    print(f"load average at start (1/5/15 min): {os.getloadavg()} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="loraflow-bench-eval-") as tmp:
         work = Path(tmp)
         adapter = make_adapter(work / "adapter")
@@ -197,6 +198,7 @@ def main() -> None:
             print("| actors | wall s | tokens/s |\n|---|---|---|")
             for actors, wall, tps in runs:
                 print(f"| {actors} | {wall:.1f} | {tps:.0f} |")
+    print(f"\nload average at end (1/5/15 min): {os.getloadavg()}")
 
 
 if __name__ == "__main__":
