@@ -139,3 +139,11 @@ def test_driver_sigkilled_during_train_resumes_from_checkpoint(tmp_path, address
     manifest = loraflow("run", str(cfg), address=address, cwd=tmp_path)
     assert statuses(manifest)[:2] == ["hit", "ran"]
     assert manifest["stages"]["train"]["outputs"]["metrics"]["resumed_from_step"] > 0
+
+
+def test_evaluate_scores_a_registry_reference_against_the_base(first_run, address):
+    root, cfg, _ = first_run
+    out = loraflow("evaluate", str(cfg), "--adapter", "e2e@champion", address=address, cwd=root)
+    models = out["metrics"]["models"]
+    assert {"base", "new"} <= set(models) and models["new"]["rows"] == models["base"]["rows"] > 0
+    assert Path(out["dir"], "metrics.json").is_file()

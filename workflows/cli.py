@@ -157,8 +157,26 @@ def cmd_run(args, until: str | None = None) -> int:
 
 def cmd_stage(stage: str):
     def run(args) -> int:
+        if stage == "evaluate" and args.adapter:
+            return cmd_evaluate_adapter(args)
         return cmd_run(args, until=stage)
     return run
+
+
+def cmd_evaluate_adapter(args) -> int:
+    from workflows.pipeline import evaluate_adapter
+
+    out = evaluate_adapter(_load(args), args.adapter)
+    if args.json:
+        _emit_json(out)
+        return EXIT_OK
+    models = out["metrics"].get("models", {})
+    keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1")
+            if any(k in m for m in models.values())]
+    print_table([(name, *(_fmt(m.get(k, "")) for k in keys)) for name, m in models.items()],
+                header=("model", *keys))
+    print(f"per-example results and metrics.json: {out['dir']}")
+    return EXIT_OK
 
 
 def cmd_retrain(args) -> int:
@@ -304,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                          ("register", "... then register the adapter and apply the promotion gate")):
         p = add(stage, help_, cmd_stage(stage), f"loraflow {stage} configs/demo.yaml")
         _config_args(p)
+        if stage == "evaluate":
+            p.add_argument("--adapter", metavar="PATH|NAME@ALIAS",
+                           help="evaluate this adapter (a folder or a registry reference) instead of the DAG's")
         p.add_argument("--from", dest="from_stage", metavar="STAGE", help="force a rerun from this stage")
         p.add_argument("--address", help="join an existing Ray cluster")
     p = add("retrain", "scheduled retraining: exit quickly when the data did not change, else run the DAG "

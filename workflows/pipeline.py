@@ -149,10 +149,10 @@ def _register(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
 
         prep = ctx.outputs["prepare"]
         lineage = {
+            "parent_adapter": _pinned_parent(ctx.config),
             "run_id": ctx.run_id,
             "input_digest": prep.get("input_digest"),
             "prepared_manifest_digest": prep.get("rows_digest"),
-            "parent_adapter": ctx.config.train.init_adapter,
             "config": ctx.config.model_dump(mode="json"),
             "loraflow_version": __version__,
             "fingerprints": {s.name: s.fingerprint for s in ctx.plan.stages},
@@ -163,6 +163,41 @@ def _register(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
             atomic_write_json(tmp / "register.json", {"name": ctx.config.registry.name, "version": version,
                                                      "decision": _as_dict(decision)})
     return {"dir": str(st.dir), **json.loads((st.dir / "register.json").read_text())}
+
+
+def _pinned_parent(config: PipelineConfig) -> str | None:
+    """The warm-start adapter as an immutable reference: `name@champion` moves, `name:3` does not."""
+    ref = config.train.init_adapter
+    if not ref or "@" not in ref or Path(ref).expanduser().exists():
+        return ref
+    from workflows.registry import Ref, Registry
+
+    parsed = Ref.parse(ref)
+    version = Registry(config.registry.root).alias_version(parsed.name, parsed.alias)
+    return f"{parsed.name}:{version}" if version is not None else ref
+
+
+def evaluate_adapter(config: PipelineConfig, adapter: str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`loraflow evaluate --adapter`: score any adapter (a folder or a registry reference) against the
+    base and the champion on the config's prepared eval rows (prepare runs first if not cached)."""
+    from workflows.artifacts import fingerprint
+    from workflows.evaluate import run_evaluate
+    from workflows.prepare import PreparedData
+    from workflows.registry import Registry
+
+    manifest = run_pipeline(config, until="prepare", log=log)
+    prepared = PreparedData.load(manifest["stages"]["prepare"]["outputs"]["dir"])
+    layout = Layout.of(config)
+    out = layout.work / "evaluate" / f"adhoc-{fingerprint(adapter, config.section('eval'), new_run_id())}"
+    started = start_ray(config, log or print)
+    try:
+        result = run_evaluate(config, prepared, adapter, out, registry=Registry(config.registry.root))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return {"dir": str(out), "metrics": result.metrics}
 
 
 def _as_dict(obj: Any) -> Any:

@@ -104,7 +104,8 @@ def write_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
         for metric, d in diffs.items():
             for other in ("base", "champion"):
                 if f"new_minus_{other}" in d:
-                    lo, hi = d.get(f"ci95_vs_{other}") or (None, None)
+                    lo, hi = d.get(f"ci95_vs_{other}") or (d.get("ci95") if other == "champion" else None) \
+                        or (None, None)
                     ci = f"[{lo:.4g}, {hi:.4g}]" if lo is not None else ""
                     rows.append([f"new − {other}", metric, d[f"new_minus_{other}"], ci])
         if rows:
