@@ -21,7 +21,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .siblings import SiblingGroup, adapter_input, lora_down
+from .ops import adapter_input, lora_down, lora_up
+from .siblings import SiblingGroup
 from .targets import Conv1D
 
 
@@ -82,25 +83,14 @@ class LoraLinear(nn.Module):
         else:
             h = lora_down(adapter_input(x, self.lora_A.weight.dtype), self.lora_A.weight,
                           self.dropout, self.training)
-        return self._add_up(out, h).view(*x.shape[:-1], self.out_features)
+        out = lora_up(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _base_2d(self, x2d: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if self.fan_in_fan_out:
             return torch.addmm(base.bias, x2d, base.weight)
         return torch.nn.functional.linear(x2d, base.weight, base.bias)
-
-    def _add_up(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """out + scaling * (h @ B.T + b_L) in one addmm. In place on the base output: autograd never
-        saves a linear layer's output, so this only saves a (T, out) allocation and a pass."""
-        if torch.is_autocast_enabled(out.device.type):
-            return out + self.scaling * self.lora_B(h)
-        out_dtype = out.dtype
-        acc = out if out.dtype == h.dtype else out.to(h.dtype)  # low-precision base: sum in fp32
-        acc = acc.addmm_(h, self.lora_B.weight.t(), alpha=self.scaling)
-        if self.lora_B.bias is not None:
-            acc = acc.add_(self.lora_B.bias, alpha=self.scaling)
-        return acc.to(out_dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

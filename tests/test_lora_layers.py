@@ -14,7 +14,8 @@ from transformers.pytorch_utils import Conv1D
 from lora_core import LoraConfig, adapter_parameters, apply_lora
 from lora_core.inject import lora_layers
 from lora_core.layers import AdapterModule, LoraLinear
-from lora_core.siblings import SiblingGroup, keep_mask
+from lora_core.ops import keep_mask
+from lora_core.siblings import SiblingGroup
 
 
 def linear(kind: str, in_f: int = 12, out_f: int = 20, dtype=torch.float32) -> nn.Module:
@@ -213,6 +214,19 @@ def test_dropout_gradients_are_exact_for_the_mask_drawn():
     out.square().sum().backward()
     for got, want in zip(ours, (x_ref.grad, a.grad, b.grad)):
         torch.testing.assert_close(got, want)
+
+
+def test_dropout_keeps_no_mask_for_backward_and_leaves_the_random_stream_alone():
+    layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.3).train()
+    randomize_b(layer)
+    x = torch.randn(5, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not [t for t in saved if t.dtype == torch.bool]
+    state = torch.get_rng_state()
+    out.sum().backward()  # redraws the forward's mask from its saved generator state
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def _llama_with_lora(dropout: float, fuse: bool, seed: int = 0) -> LlamaForCausalLM:

@@ -1,0 +1,195 @@
+"""LoRA training-step benchmark (not a timed test): lora_core vs PEFT vs full fine-tuning.
+
+    .venv/bin/python -m bench.lora_step [--seqs 128 256] [--rounds 3] [--threads 2] [--write]
+
+SmolLM2-135M, the same weights and the same batch (4 x seq tokens of GSM8K text) for every
+variant; steps are interleaved round-robin in one process so machine drift hits all alike, and
+the median step (forward + backward + AdamW step) is reported. LoRA: r=8, alpha=16, dropout 0.05
+on the seven projections. MFU counts 4N FLOPs per token for LoRA (forward + input gradients) and
+6N for full fine-tuning, N = 134.5M (lm_head matmul included), against a matmul peak measured in
+the same run (fp32 [512,576]x[576,576], and bf16 for the bf16-base variant). Peak RSS is measured
+per variant in a fresh subprocess (`--rss-child`) so peaks do not mix. Writes
+bench/results/lora_step.md with `--write`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "lora_step.md"
+DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ("lora_core", "peft", "full", "lora_core_bf16")
+BATCH = 4
+
+
+def gsm8k_batch(tokenizer, seq: int) -> torch.Tensor:
+    """(BATCH, seq) token ids: GSM8K question/answer text, concatenated and cut (no padding)."""
+    ids: list[int] = []
+    with open(DATA) as f:
+        for line in f:
+            row = json.loads(line)
+            ids += tokenizer(f"Question: {row['question']}\nAnswer: {row['answer']}\n")["input_ids"]
+            if len(ids) >= BATCH * seq:
+                break
+    return torch.tensor(ids[:BATCH * seq]).view(BATCH, seq)
+
+
+def build(variant: str, base: torch.nn.Module):
+    """(model, optimizer) for one variant, on a private copy of `base`."""
+    model = copy.deepcopy(base)
+    model.config.use_cache = False
+    if variant == "full":
+        model.requires_grad_(True)
+        params = list(model.parameters())
+    elif variant == "peft":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                           target_modules=TARGETS, task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        import lora_core
+        if variant == "lora_core_bf16":
+            model.to(torch.bfloat16)
+        lora_core.apply_lora(model, lora_core.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
+        params = list(lora_core.adapter_parameters(model).values())
+    return model.train(), torch.optim.AdamW(params, lr=1e-5)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def train_step(model, optimizer, ids: torch.Tensor, clock=time.perf_counter) -> float:
+    """Seconds for one step on `clock`: wall time, or process CPU time (robust to other load on a
+    shared machine when run with --threads 1; with more threads it also counts spin-waiting)."""
+    start = clock()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return clock() - start
+
+
+def matmul_peak(dtype: torch.dtype, clock=time.perf_counter, reps: int = 200) -> float:
+    """GFLOP/s of the best of 5 timings of [512,576] x [576,576] (a typical projection)."""
+    a, b = torch.randn(512, 576, dtype=dtype), torch.randn(576, 576, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        start = clock()
+        for _ in range(reps):
+            torch.mm(a, b)
+        best = min(best, clock() - start)
+    return 2 * 512 * 576 * 576 * reps / best / 1e9
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over
+    fork and exec, so a child would report its (large) parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def rss_child(variant: str, seq: int) -> None:
+    """Run in a fresh process: load, build one variant, take 2 steps, print peak RSS (MB) as JSON."""
+    from workflows.models import load_base
+    base, tokenizer = load_base("smollm2-135m")
+    ids = gsm8k_batch(tokenizer, seq)
+    loaded_mb = peak_rss_mb()
+    model, optimizer = build(variant, base)
+    del base
+    for _ in range(2):
+        train_step(model, optimizer, ids)
+    print(json.dumps({"loaded_mb": loaded_mb, "peak_mb": peak_rss_mb()}))
+
+
+def measure_rss(variant: str, seq: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.lora_step", "--rss-child", variant, str(seq),
+                          "--threads", str(threads)], cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant and sequence length")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(REPO)}")
+    parser.add_argument("--rss-child", nargs=2, metavar=("VARIANT", "SEQ"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    clock = CLOCKS[args.clock]
+    if args.rss_child:
+        return rss_child(args.rss_child[0], int(args.rss_child[1]))
+
+    from workflows.models import load_base
+    base, tokenizer = load_base("smollm2-135m")
+    n_params = sum(p.numel() for p in base.parameters())  # tied embeddings once: the lm_head matmul
+    peaks = {d: matmul_peak(d, clock) for d in (torch.float32, torch.bfloat16)}
+    models = {v: build(v, base) for v in VARIANTS}
+    times: dict[tuple[str, int], list[float]] = {}
+    for seq in args.seqs:
+        ids = gsm8k_batch(tokenizer, seq)
+        for variant in VARIANTS:  # warm-up: allocator, thread pools, first-call paths
+            train_step(*models[variant], ids, clock)
+        for r in range(args.rounds):
+            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+            for variant in order:
+                times.setdefault((variant, seq), []).append(train_step(*models[variant], ids, clock))
+                print(f"seq {seq} round {r} {variant}: {times[variant, seq][-1]:.2f} s", flush=True)
+    peaks_after = {d: matmul_peak(d, clock) for d in (torch.float32, torch.bfloat16)}
+    del models
+    rss = {} if args.no_rss else {(v, s): measure_rss(v, s, args.threads) for s in args.seqs for v in VARIANTS}
+    report = render(args, n_params, peaks, peaks_after, times, rss)
+    print(report)
+    if args.write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(report)
+
+
+def render(args, n_params, peaks, peaks_after, times, rss) -> str:
+    peak = {d: max(peaks[d], peaks_after[d]) for d in peaks}
+    lines = [
+        "# LoRA training step: lora_core vs PEFT vs full fine-tuning", "",
+        f"`.venv/bin/python -m bench.lora_step --seqs {' '.join(map(str, args.seqs))} --rounds {args.rounds} "
+        f"--threads {args.threads} --clock {args.clock} --write`", "",
+        f"SmolLM2-135M (N = {n_params / 1e6:.1f}M), batch {BATCH} x seq of GSM8K text, AdamW; LoRA r=8 alpha=16 "
+        f"dropout 0.05 on {', '.join(TARGETS)}. torch {torch.__version__}, {args.threads} threads. Median of "
+        f"{args.rounds} interleaved steps after one warm-up step, {args.clock} clock. Matmul peak (fp32 / bf16, GFLOP/s, start - end "
+        f"of run): {peaks[torch.float32]:.0f} - {peaks_after[torch.float32]:.0f} / "
+        f"{peaks[torch.bfloat16]:.0f} - {peaks_after[torch.bfloat16]:.0f}; MFU uses the larger.", "",
+        "| seq | variant | step s | tokens/s | vs PEFT tokens/s | step / full step | MFU | peak RSS MB "
+        "| RSS / full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for seq in args.seqs:
+        med = {v: statistics.median(times[v, seq]) for v in VARIANTS}
+        for v in VARIANTS:
+            tokens_s = BATCH * seq / med[v]
+            flops = (6 if v == "full" else 4) * n_params * tokens_s
+            mfu = flops / (peak[torch.bfloat16 if v.endswith("bf16") else torch.float32] * 1e9)
+            mem = rss.get((v, seq))
+            mem_cols = (f"{mem['peak_mb']:.0f} | {mem['peak_mb'] / rss[('full', seq)]['peak_mb']:.2f}"
+                        if mem else "- | -")
+            lines.append(f"| {seq} | {v} | {med[v]:.2f} | {tokens_s:.0f} | {med['peft'] / med[v]:.2f} | "
+                         f"{med[v] / med['full']:.2f} | {mfu:.2f} | {mem_cols} |")
+    lines += ["", "All step times (s):", ""]
+    lines += [f"- seq {s} {v}: {', '.join(f'{t:.2f}' for t in ts)}" for (v, s), ts in sorted(times.items())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
