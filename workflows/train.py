@@ -53,6 +53,17 @@ def run_train(config: PipelineConfig, prepared: Any, out_dir: str | Path, storag
     `stop_after_step` is for tests and benchmarks: the workers stop after that step's report, as
     if the run had been interrupted; calling again with the same `run_name` resumes it.
     """
+    trainer = build_trainer(config, prepared, storage_path, run_name, stop_after_step=stop_after_step)
+    trainer.fit()  # raises ray.train.TrainingFailedError when retries are exhausted
+    return commit_run(Path(out_dir), Path(storage_path).expanduser().resolve() / run_name)
+
+
+def build_trainer(config: PipelineConfig, prepared: Any, storage_path: str | Path, run_name: str, *,
+                  callbacks: list[Any] | None = None, stop_after_step: int | None = None) -> Any:
+    """The checked `TorchTrainer` of one run (data and cluster fit verified before it exists).
+
+    `callbacks` are Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback` in a sweep trial.
+    """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -77,21 +88,20 @@ def run_train(config: PipelineConfig, prepared: Any, out_dir: str | Path, storag
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same order every epoch and attempt: resume skips consumed batches
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(worker),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                             callbacks=callbacks or None),
         datasets=datasets,
         # Only train is split; every worker reads the whole eval set and scores its share of the
         # batches (streaming_split(equal=True) would drop the remainder rows of eval).
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
-    trainer.fit()  # raises ray.train.TrainingFailedError when retries are exhausted
-    return _commit(Path(out_dir), run_dir)
 
 
 # Train shards up to this size are read once into the object store before fit(): every epoch and
@@ -249,7 +259,8 @@ def _lineage(config: PipelineConfig, prepared: Any, run_dir: Path) -> dict[str, 
     }
 
 
-def _commit(out_dir: Path, run_dir: Path) -> TrainResult:
+def commit_run(out_dir: Path, run_dir: Path) -> TrainResult:
+    """Copy a finished Ray Train run's final adapter and metrics into the stage directory."""
     final = run_dir / "final"
     if not (final / "adapter").is_dir():
         raise RuntimeError(f"Ray Train finished but {final / 'adapter'} is missing; rank 0 did not save it")
