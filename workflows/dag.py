@@ -114,7 +114,7 @@ def plan(config: PipelineConfig, force_from: str | None = None,
     if force_from is not None and force_from not in STAGE_NAMES:
         raise ValueError(f"--from {force_from!r}: choose one of {', '.join(STAGE_NAMES)}")
     if input_digest is None:
-        from workflows.prepare import input_digest
+        from workflows.inputs import input_digest
     layout = Layout.of(config)
     previous = _read_json(layout.state_file)
     result = Plan(config, layout)

@@ -31,13 +31,14 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from workflows import __version__
-from workflows.artifacts import atomic_write_json, canonical_json, is_complete
+from workflows.artifacts import atomic_write_json, is_complete
 from workflows.config import PipelineConfig
 from workflows.example_encoding import EncodeExamples, MarkDuplicates
 from workflows.formats import ExampleEncoder
+from workflows.inputs import input_digest, input_files  # noqa: F401  (part of this stage's API)
 from workflows.prepare_stats import label_vocabulary, merge_summaries, token_summary
 from workflows.shard_writer import TokenizedShardWriter, finalize_splits
-from workflows.sources import RecordsDatasource, expand_sources, file_digest
+from workflows.sources import RecordsDatasource
 
 ENCODED = "_encoded"
 PACK_BATCH_ROWS = 2048  # examples per packing batch: bigger packs tighter, costs more memory
@@ -84,31 +85,6 @@ class PreparedData:
 
 def task_of(config: PipelineConfig) -> str:
     return "seq_cls" if config.data.format == "classification" else "causal_lm"
-
-
-def input_files(config: PipelineConfig) -> dict[str, list[tuple[str, str]]]:
-    """`{"train": [(file, reader)], "eval": [...]}` with every source resolved and expanded."""
-    data = config.data
-
-    def resolve(spec: str | list[str] | None) -> list[str]:
-        specs = [] if spec is None else [spec] if isinstance(spec, str) else spec
-        return [config.resolve_path(s) for s in specs]
-
-    files = {"train": expand_sources(resolve(data.source), data.reader), "eval": []}
-    if data.eval_source is not None:
-        files["eval"] = expand_sources(resolve(data.eval_source), data.reader)
-    return files
-
-
-def input_digest(config: PipelineConfig) -> str:
-    """sha256 over the *content* of every input file (streamed), with its role and reader.
-
-    Paths and mtimes are left out: renaming or touching a file does not invalidate the stage,
-    changing one byte does. Order is the sorted path order, which is also the read order.
-    """
-    parts = [(origin, kind, file_digest(path)) for origin, entries in input_files(config).items()
-             for path, kind in entries]
-    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
 
 
 def _check_config(config: PipelineConfig) -> None:

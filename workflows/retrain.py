@@ -66,7 +66,7 @@ def retrain(config: PipelineConfig, warm_start: bool = False, wait: bool = False
             log: Callable[[str], None] | None = None,
             input_digest: Callable[[PipelineConfig], str] | None = None) -> RetrainOutcome:
     if input_digest is None:
-        from workflows.prepare import input_digest
+        from workflows.inputs import input_digest
     with retrain_lock(Layout.of(config).work, wait=wait):
         digest = input_digest(config)
         champion, champion_digest = champion_state(config)

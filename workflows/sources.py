@@ -19,126 +19,20 @@ raw `\\n` bytes and parsing happens later, per line, where a failure becomes a n
 from __future__ import annotations
 
 import csv
-import glob
-import hashlib
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from workflows.inputs import SourceError, expand_sources, file_digest  # noqa: F401  (re-exported)
+
 RECORD_SCHEMA = pa.schema([("origin", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                            ("raw", pa.binary()), ("error", pa.string())])
-_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
-               ".parquet": "parquet", ".arrow": "arrow"}
-_COMPRESSION = (".gz", ".bz2", ".zst", ".lz4")
 ROWS_PER_BLOCK = 4096  # fixed, so block boundaries (and thus packing) are the same every run
 
-
-class SourceError(ValueError):
-    """A data source that cannot be read at all (missing path, unknown format)."""
-
-
-def _reader_for(path: str, reader: str) -> str:
-    if reader != "auto":
-        return reader
-    name = path.lower()
-    for ext in _COMPRESSION:
-        name = name.removesuffix(ext)
-    kind = _EXTENSIONS.get(Path(name).suffix)
-    if kind is None:
-        raise SourceError(f"{path}: cannot tell the format from the extension; set data.reader "
-                          f"(one of jsonl, csv, parquet, hf)")
-    return kind
-
-
-def _visible(path: str) -> bool:
-    return not any(part.startswith((".", "_")) for part in Path(path).parts[-1:])
-
-
-def _expand_local(spec: str) -> list[str]:
-    path = Path(spec)
-    if path.is_file():
-        return [str(path)]
-    if path.is_dir():
-        files = [str(p) for p in sorted(path.rglob("*")) if p.is_file() and _visible(str(p))]
-    else:
-        files = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-    if not files:
-        raise SourceError(f"data source {spec!r}: no such file, directory or glob match")
-    return files
-
-
-def _expand_remote(spec: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(spec)
-    info = fs.get_file_info(root)
-    scheme = spec.split("://", 1)[0]
-    if info.type == pafs.FileType.File:
-        return [spec]
-    if info.type != pafs.FileType.Directory:
-        raise SourceError(f"data source {spec!r} does not exist")
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File and _visible(i.path))
-
-
-def _expand_hf(spec: str) -> list[str]:
-    """`hf:<save_to_disk dir or hub name>[#split]` -> the dataset's Arrow files (streamed, never
-    materialised). A DatasetDict uses split `train` unless `#split` names another."""
-    import datasets
-
-    target, _, split = spec.removeprefix("hf:").partition("#")
-    if Path(target).expanduser().is_dir():
-        ds = datasets.load_from_disk(str(Path(target).expanduser()))
-    else:
-        ds = datasets.load_dataset(target)
-    if isinstance(ds, datasets.DatasetDict):
-        split = split or "train"
-        if split not in ds:
-            raise SourceError(f"{spec}: no split {split!r} (splits: {sorted(ds)})")
-        ds = ds[split]
-    files = [f["filename"] for f in ds.cache_files]
-    if not files:
-        raise SourceError(f"{spec}: the dataset has no Arrow files on disk to stream from")
-    return files
-
-
-def expand_sources(specs: str | list[str], reader: str) -> list[tuple[str, str]]:
-    """Resolved sources -> sorted `(file, reader kind)` pairs. Sources must already be resolved
-    (`PipelineConfig.resolve_path`); `hf:` and `reader: hf` go through `datasets`."""
-    files: list[tuple[str, str]] = []
-    for spec in [specs] if isinstance(specs, str) else specs:
-        if spec.startswith("hf:") or reader == "hf":
-            files += [(f, "arrow") for f in _expand_hf(spec if spec.startswith("hf:") else f"hf:{spec}")]
-        elif "://" in spec:
-            files += [(f, _reader_for(f, reader)) for f in _expand_remote(spec)]
-        else:
-            files += [(f, _reader_for(f, reader)) for f in _expand_local(spec)]
-    return sorted(set(files))
-
-
-def file_digest(path: str, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, streamed (local or any pyarrow filesystem URI)."""
-    h = hashlib.sha256()
-    if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(path)
-        with fs.open_input_stream(root) as f:
-            while block := f.read(chunk):
-                h.update(block)
-    else:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- the datasource
 
 class _BlockBuilder:
     """Accumulates records and cuts a block every `ROWS_PER_BLOCK` rows."""
