@@ -117,26 +117,27 @@ def test_edited_data_reruns_from_prepare(first_run, address):
     assert rows["train"]["status"] == "miss" and "prepare upstream changed" in rows["train"]["why"]
 
 
-def test_driver_sigkilled_during_train_resumes_from_checkpoint(tmp_path, address):
-    write_rows(tmp_path / "rows.jsonl", 160, seed=2)
-    cfg = pipeline_config(tmp_path, max_steps=40, checkpoint_every=4, log_every=4)
+def test_driver_sigkilled_during_train_resumes_from_checkpoint(first_run, address):
+    root, cfg, _ = first_run
+    longer = ["--set", "train.max_steps=30", "--set", "train.checkpoint_every=3", "--set", "train.log_every=3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(cfg), "--address", address],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    driver = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(cfg), *longer, "--address", address],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     # Kill the driver once Ray Train has registered a checkpoint (its snapshot lists one).
-    storage = tmp_path / "work" / "ray_train"
+    before = set((root / "work" / "ray_train").glob("*"))
     deadline = time.time() + 300
     while time.time() < deadline:
-        snaps = list(storage.glob("*/checkpoint_manager_snapshot.json"))
-        if snaps and "checkpoint" in snaps[0].read_text() and len(list(snaps[0].parent.glob("checkpoint_*"))) >= 1:
+        runs = [d for d in (root / "work" / "ray_train").glob("*") if d not in before]
+        snaps = [d / "checkpoint_manager_snapshot.json" for d in runs]
+        if any(p.is_file() and "checkpoint_dir_name" in p.read_text() for p in snaps):
             break
         assert driver.poll() is None, driver.stderr.read()[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.3)
     else:
         pytest.fail("no checkpoint was registered in time")
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    manifest = loraflow("run", str(cfg), address=address, cwd=tmp_path)
+    manifest = loraflow("run", str(cfg), *longer, address=address, cwd=root)
     assert statuses(manifest)[:2] == ["hit", "ran"]
     assert manifest["stages"]["train"]["outputs"]["metrics"]["resumed_from_step"] > 0
 
