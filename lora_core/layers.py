@@ -36,7 +36,12 @@ class AdapterModule(Protocol):
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear layer plus a low-rank update. Never merges implicitly: see `merge`."""
+    """A frozen linear layer plus a low-rank update. Never merges implicitly: see `merge`.
+
+    While the adapter is active the base product is computed here from `base_layer.weight` and
+    `.bias` (so the LoRA update can be added in place), hence forward hooks on `base_layer` itself
+    do not run; hooks on this module do. Input (..., in) -> output (..., out).
+    """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, lora_bias: bool = False, init: str = "kaiming"):
