@@ -2,7 +2,7 @@
 
 Under Ray Train V2 a trial is a plain Tune function that builds and fits a `TorchTrainer` with a
 `TuneReportCallback` (`Tuner(TorchTrainer(...))` is an error in 2.60). The trial function itself
-holds no CPUs, so its trainer's workers and Ray Data can be placed. ASHA acts on the eval loss the
+holds (almost) no CPUs, so its trainer's workers and Ray Data can be placed. ASHA acts on the eval loss the
 train stage reports every `train.eval_every` steps.
 
 The best trial's Ray Train run is committed as the train stage output of the best config, so the
@@ -89,7 +89,9 @@ def run_tune(config: PipelineConfig, prepared_dir: Path, storage_path: Path, nam
         tune.with_parameters(_trial, config_dict=config.model_dump(mode="json", exclude={"tune"}),
                              source_path=config.source_path, prepared_dir=str(prepared_dir),
                              storage_path=str(storage_path / "trials")),
-        {"CPU": 0})
+        # Next to nothing: the trial only drives its trainer, whose workers (and Ray Data) need the
+        # CPUs. Tune refuses an empty request, hence a token fraction rather than 0.
+        {"CPU": 0.01})
     has_grid = any("grid" in spec for spec in tc.search_space.values())
     tuner = tune.Tuner(
         trainable, param_space=space,
