@@ -149,8 +149,15 @@ def cluster_on_this_machine(address: str) -> bool:
 
     request = urllib.request.Request(f"{address.rstrip('/')}/nodes?view=summary", headers=auth_headers())
     try:
-        with urllib.request.urlopen(request, timeout=10) as r:
-            nodes = json.load(r)["data"]["summary"]
+        # A dashboard that just started fills its node table asynchronously: ask again for a while.
+        deadline = time.monotonic() + 15
+        while True:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                nodes = json.load(r)["data"]["summary"]
+            alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
+            if alive or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise JobsError(_auth_failure_message(address, e)) from None
@@ -159,7 +166,6 @@ def cluster_on_this_machine(address: str) -> bool:
         raise JobsError(f"cannot reach a Ray job server at {address} ({e}). Is the head running, and is this "
                         "its dashboard address (http://HOST:8265 by default)?") from None
     own_ips = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
-    alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
     return bool(alive) and all(n.get("hostname") == socket.gethostname() and n.get("ip") in own_ips for n in alive)
 
 
