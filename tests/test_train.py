@@ -27,7 +27,9 @@ def prepared(ray_session, shared_data, session_tmp):
 
 @pytest.fixture(scope="module")
 def run(prepared, shared_data, tmp_path_factory):
-    """8 steps of 2 workers x 4 rows x 2 micro-batches; checkpoints and eval every 4 steps."""
+    """8 steps of 2 workers x 2 rows x 2 micro-batches; checkpoints and eval every 4 steps.
+
+    Also the uninterrupted reference of the resume test (same config, same seed)."""
     work = tmp_path_factory.mktemp("train")
     config = gsm8k_config(shared_data)
     result = run_train(config, prepared, work / "stage", storage_path=work / "ray_train", run_name="ref-a0")
@@ -122,14 +124,6 @@ def test_resumed_run_continues_from_its_checkpoint_and_matches_the_uninterrupted
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
 
 
-def test_bf16_gradient_compression_halves_the_allreduced_bytes(prepared, shared_data, tmp_path):
-    config = gsm8k_config(shared_data, grad_compression="bf16", max_steps=2, log_every=2,
-                          checkpoint_every=None, eval_every=None)
-    m = run_train(config, prepared, tmp_path / "stage", storage_path=tmp_path / "ray_train",
-                  run_name="bf16-a0").metrics
-    assert m["allreduce_bytes_per_step"] * 2 == m["adapter_param_bytes"]
-
-
 def test_more_workers_than_the_cluster_can_place_fails_fast_naming_the_setting(prepared, shared_data, tmp_path):
     config = gsm8k_config(shared_data, num_workers=8)
     with pytest.raises(ClusterTooSmallError, match=r"8 workers x 1 CPU = 8 CPUs but the cluster has 4.*num_workers"):
@@ -157,12 +151,14 @@ def test_a_missing_prepared_dataset_is_refused(ray_session, shared_data, tmp_pat
 
 
 def test_smollm2_short_two_worker_run_on_gsm8k_lowers_the_eval_loss(prepared, shared_data, tmp_path):
-    """The real model on the real data: 16 steps of 2 workers x 2 rows of 128 tokens.
+    """The real model on the real data: 8 steps of 2 workers x 2 rows of up to 128 tokens.
 
     Same tokenizer as tiny-llama, so the session's prepared shards serve. Eval is the same 8 held-out
     GSM8K rows before and after; the format alone (answer layout, `####`) is learned in these steps.
+    Measured here: 2.05 before, 1.67 after these 8 steps (a drop of 0.39; 16 steps reached 1.44), so
+    the asserted drop of 0.1 keeps a margin of ~4x.
     """
-    config = gsm8k_config(shared_data, model="smollm2-135m", batch_size=2, grad_accum=1, max_steps=16,
+    config = gsm8k_config(shared_data, model="smollm2-135m", batch_size=2, grad_accum=1, max_steps=8,
                           lr=2e-3, log_every=8, checkpoint_every=None, eval_every=None, eval_batches=2)
     m = run_train(config, prepared, tmp_path / "stage", storage_path=tmp_path / "ray_train",
                   run_name="smollm2-a0").metrics

@@ -4,6 +4,9 @@ Both wait until Ray Train has *registered* a checkpoint (it is in checkpoint_man
 a checkpoint directory merely uploaded is not enough) and then kill, so the run must resume from
 that checkpoint or a later one: at most one checkpoint interval of work is lost.
 
+The SIGKILL run also compresses its gradients to bf16 (`test_bf16_...` reads its metrics): one
+TorchTrainer start-up serves both checks, and the compression hook is proven to survive a restart.
+
 The multi-node case needs its own Ray cluster (`ray.cluster_utils.Cluster`), so it runs this file
 as a script in a subprocess: the session's Ray belongs to the test process.
 """
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -28,7 +32,10 @@ from train_support import gsm8k_config, prepared_gsm8k, read_jsonl  # noqa: E402
 
 from workflows.train import run_train  # noqa: E402
 
-FAULT_TRAIN = {"max_steps": 24, "checkpoint_every": 4, "log_every": 2, "eval_every": None, "max_failures": 1}
+# Steps of 2 rows per worker are cheap (~0.3 s here); 16 of them leave 12 after the first registered
+# checkpoint (step 4), plenty of run left for the kill to land mid-run.
+FAULT_TRAIN = {"max_steps": 16, "batch_size": 2, "grad_accum": 1, "checkpoint_every": 4, "log_every": 2,
+               "eval_every": None, "eval_batches": 1, "max_failures": 1}
 
 
 def registered_step(run_dir: Path) -> int | None:
@@ -82,29 +89,44 @@ def train_in_thread(config, prepared, work: Path, run_name: str) -> tuple[thread
     return thread, outcome
 
 
-def test_a_sigkilled_worker_is_replaced_and_resumes_from_the_registered_checkpoint(
-        ray_session, shared_data, session_tmp, tmp_path):
+@pytest.fixture(scope="module")
+def sigkilled(ray_session, shared_data, session_tmp, tmp_path_factory):
+    """A bf16-compressed run whose second train worker is SIGKILLed after a registered checkpoint."""
     prepared = prepared_gsm8k(shared_data, session_tmp)
-    config = gsm8k_config(shared_data, **FAULT_TRAIN)
+    work = tmp_path_factory.mktemp("sigkill")
+    config = gsm8k_config(shared_data, **FAULT_TRAIN, grad_compression="bf16")
     me = psutil.Process()
     before = set(train_worker_pids(me))
-    thread, outcome = train_in_thread(config, prepared, tmp_path, "sigkill-a0")
-    run_dir = tmp_path / "ray_train" / "sigkill-a0"
+    thread, outcome = train_in_thread(config, prepared, work, "sigkill-a0")
+    run_dir = work / "ray_train" / "sigkill-a0"
 
     checkpoint_step = wait_for_registered_checkpoint(run_dir, thread)
     logged = last_logged_step(run_dir)
     victims = [pid for pid in train_worker_pids(me) if pid not in before]
-    assert len(victims) == 2, victims
-    os.kill(victims[-1], signal.SIGKILL)
+    if victims:
+        os.kill(victims[-1], signal.SIGKILL)
     thread.join(timeout=600)
+    return {"victims": victims, "checkpoint_step": checkpoint_step, "logged": logged, **outcome}
 
-    assert "error" not in outcome, outcome.get("error")
-    m = outcome["result"].metrics
+
+def test_a_sigkilled_worker_is_replaced_and_resumes_from_the_registered_checkpoint(sigkilled):
+    assert len(sigkilled["victims"]) == 2, sigkilled["victims"]
+    assert "error" not in sigkilled, sigkilled.get("error")
+    m = sigkilled["result"].metrics
     assert m["steps"] == FAULT_TRAIN["max_steps"]
     # Restarted from the checkpoint registered before the kill (or a later one), never from scratch:
-    assert m["resumed_from_step"] >= checkpoint_step > 0
+    assert m["resumed_from_step"] >= sigkilled["checkpoint_step"] > 0
     # ... so the work lost is under one checkpoint interval of what had been done at the kill.
-    assert logged - m["resumed_from_step"] <= FAULT_TRAIN["checkpoint_every"]
+    assert sigkilled["logged"] - m["resumed_from_step"] <= FAULT_TRAIN["checkpoint_every"]
+
+
+def test_bf16_gradient_compression_halves_the_allreduced_bytes(sigkilled):
+    """Counted on the compressed tensor, every step of the restarted worker group (a fresh hook)."""
+    assert "error" not in sigkilled, sigkilled.get("error")
+    m = sigkilled["result"].metrics
+    assert m["resumed_from_step"] > 0  # these bytes were counted after the restart
+    assert m["allreduce_bytes_per_step_distinct"] == [m["adapter_param_bytes"] // 2]
+    assert m["allreduce_bytes_per_step"] * 2 == m["adapter_param_bytes"]
 
 
 def test_losing_the_node_of_a_worker_restarts_the_group_on_another_node(

@@ -9,8 +9,10 @@ from typing import Any
 from workflows.artifacts import is_complete
 from workflows.config import PipelineConfig, config_from_dict
 
-# Small and fast on 2 cores: tiny Llama (SmolLM2's tokenizer), r=4 on q/v, packed 128-token rows.
-TRAIN = {"num_workers": 2, "cpus_per_worker": 1, "batch_size": 4, "grad_accum": 2, "max_steps": 8,
+# Small and fast on 2 cores: tiny Llama (SmolLM2's tokenizer), r=4 on q/v, rows of up to 128 tokens.
+# Its 49k-token vocabulary makes the logits the bulk of a step, so micro-batches are 2 rows; grad_accum
+# stays 2 so that the all-reduce tests see the first micro-batch of every step run under no_sync().
+TRAIN = {"num_workers": 2, "cpus_per_worker": 1, "batch_size": 2, "grad_accum": 2, "max_steps": 8,
          "lr": 1e-3, "warmup_steps": 1, "log_every": 4, "checkpoint_every": 4, "eval_every": 4,
          "eval_batches": 2, "seed": 0, "max_failures": 0}
 

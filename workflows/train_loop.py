@@ -267,6 +267,11 @@ class _Loop:
             if log or ckpt or do_eval:
                 self._report(state, grad_norm, do_eval, ckpt)
             if self.cfg.stop_after_step is not None and state.step >= self.cfg.stop_after_step and not last:
+                if ckpt:
+                    # report() returns once the checkpoint is uploaded, not once the controller has
+                    # registered it: raising at once races that (a loaded machine lost the checkpoint
+                    # and the "resumed" run started from scratch). Wait for the registration first.
+                    ray.train.get_all_reported_checkpoints()
                 raise StopTraining(f"stopped after step {state.step} (stop_after_step)")
             if last:
                 return
