@@ -185,12 +185,12 @@ def evaluate_adapter(config: PipelineConfig, adapter: str, log: Callable[[str], 
     from workflows.prepare import PreparedData
     from workflows.registry import Registry
 
-    manifest = run_pipeline(config, until="prepare", log=log)
-    prepared = PreparedData.load(manifest["stages"]["prepare"]["outputs"]["dir"])
-    layout = Layout.of(config)
-    out = layout.work / "evaluate" / f"adhoc-{fingerprint(adapter, config.section('eval'), new_run_id())}"
+    # One Ray session for both steps: run_pipeline leaves a Ray it did not start running.
     started = start_ray(config, log or print)
     try:
+        manifest = run_pipeline(config, until="prepare", log=log)
+        prepared = PreparedData.load(manifest["stages"]["prepare"]["outputs"]["dir"])
+        out = Layout.of(config).work / "evaluate" / f"adhoc-{fingerprint(adapter, config.section('eval'), new_run_id())}"
         result = run_evaluate(config, prepared, adapter, out, registry=Registry(config.registry.root))
     finally:
         if started:
