@@ -15,6 +15,10 @@ per example and model, see `workflows.eval_actor`) and `metrics.json`:
 
 Rows are counted in (Parquet metadata and example ids of the eval shards) and out (per model): a
 lost or doubled row fails the stage, naming an example id, before anything is committed.
+
+With the work directory on an object store the eval shards are read from the store, and the stage
+directory is a staging folder on the driver that other nodes cannot see: the scored blocks come
+back to the driver, which writes the part files itself.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workflows import storage
 from workflows.artifacts import atomic_write_json, stage_output
 from workflows.config import PipelineConfig
 from workflows.eval_actor import BASE, CHAMPION, NEW, EvalScorer, ScorerSpec, default_threads
@@ -70,9 +75,8 @@ def find_champion(config: PipelineConfig, registry: Any) -> tuple[str | None, Pa
 
 
 def _example_ids(files: list[str]) -> list[str]:
-    table = pq.read_table(files, columns=["example_id"]) if len(files) > 1 else \
-        pq.read_table(files[0], columns=["example_id"])
-    rows_meta = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    table = storage.read_parquet(files, columns=["example_id"])
+    rows_meta = sum(storage.parquet_rows(f) for f in files)
     ids = [str(x) for x in table.column("example_id").to_pylist()]
     if len(ids) != rows_meta:
         raise RowCountError(f"eval shards hold {rows_meta} rows by metadata but {len(ids)} example ids")
@@ -93,25 +97,46 @@ def _spec(config: PipelineConfig, prepared: Any, adapter_dir: Path, champion_dir
                       generation_batch_size=gen.batch_size, match=gen.match)
 
 
-def score_dataset(files: list[str], spec: ScorerSpec, actors: int, batch_size: int, out_dir: Path) -> list[Path]:
-    """The Ray Data job: per-example rows of every model written as Parquet under `out_dir`."""
+def score_dataset(files: list[str], spec: ScorerSpec, actors: int, batch_size: int, out_dir: Path,
+                  driver_writes: bool = False) -> list[Path]:
+    """The Ray Data job: per-example rows of every model written as Parquet under `out_dir`.
+
+    `driver_writes`: `out_dir` is visible only on the driver's node, so the driver writes the files.
+    """
     import ray
 
     # Blocks of one batch each (streaming, no shuffle): every actor of the pool gets work even
     # when the eval split is a single small shard.
-    ds = ray.data.read_parquet(files).select_columns(_INPUT_COLUMNS[spec.task])
+    paths, fs = storage.ray_paths(files)
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(_INPUT_COLUMNS[spec.task])
     scored = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
         EvalScorer, fn_constructor_args=(spec,), batch_size=batch_size, batch_format="numpy", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2))
     # Start only when the whole pool is up: otherwise the first actor to finish loading the model
     # takes every block and "actors: N" silently means 1.
     scored.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    if driver_writes:
+        return _write_parts(scored, out_dir)
     scored.write_parquet(str(out_dir))
     # Ray names files `<dataset>_<uuid>_<n>-<m>.parquet`; the contract is part-*.parquet.
     written = sorted(out_dir.glob("*.parquet"))
     parts = [out_dir / f"part-{i:05d}.parquet" for i in range(len(written))]
     for src, dst in zip(written, parts):
         os.rename(src, dst)
+    return parts
+
+
+def _write_parts(ds: Any, out_dir: Path) -> list[Path]:
+    """`part-00000.parquet`, ... under `out_dir`, one per non-empty block, written by this process."""
+    import ray
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for ref in ds.to_arrow_refs():
+        table = ray.get(ref)
+        if table.num_rows:
+            parts.append(out_dir / f"part-{len(parts):05d}.parquet")
+            pq.write_table(table, parts[-1])
     return parts
 
 
@@ -192,7 +217,8 @@ def run_evaluate(config: PipelineConfig, prepared: Any, adapter: str | Path, out
     spec = _spec(config, prepared, adapter_dir, champion_dir, ids_in)
     out_dir = Path(out_dir)
     with stage_output(out_dir) as tmp:
-        score_dataset(files, spec, config.eval.actors, config.eval.batch_size, tmp / "per_example")
+        score_dataset(files, spec, config.eval.actors, config.eval.batch_size, tmp / "per_example",
+                      driver_writes=storage.is_uri(config.cluster.work_dir))
         table = pq.read_table(tmp / "per_example")
         metrics = build_metrics(config, prepared, table, ids_in, spec, champion_ref, adapter_dir)
         atomic_write_json(tmp / "metrics.json", metrics)

@@ -21,7 +21,6 @@ Layout and manifest keys: docs/artifacts.md.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from workflows import __version__
-from workflows.artifacts import atomic_write_json, is_complete
+from workflows import __version__, storage
+from workflows.artifacts import SUCCESS, atomic_write_json
 from workflows.config import PipelineConfig
 from workflows.example_encoding import EncodeExamples, MarkDuplicates
 from workflows.formats import ExampleEncoder
@@ -50,21 +49,25 @@ class PrepareError(RuntimeError):
 
 @dataclass
 class PreparedData:
-    """A committed prepare directory: `root` holds train/, eval/, rejects/, manifest.json."""
+    """A committed prepare directory: `root` holds train/, eval/, rejects/, manifest.json.
 
-    root: Path
+    `root` is a local path, or the URI of the output in an object store work directory: the
+    shard lists are then URIs too, which Ray Data reads from the store on any node.
+    """
+
+    root: Path | str
     manifest: dict[str, Any]
 
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
-        root = Path(root)
-        if not is_complete(root):
+        root = str(root) if storage.is_uri(root) else Path(root)
+        if not storage.exists(storage.join(root, SUCCESS)):
             raise FileNotFoundError(f"{root} is not a complete prepare output (no _SUCCESS marker); "
                                     "re-run `loraflow prepare`")
-        return cls(root, json.loads((root / "manifest.json").read_text()))
+        return cls(root, storage.read_json(storage.join(root, "manifest.json")))
 
     def _files(self, split: str) -> list[str]:
-        return [str(self.root / rel) for rel in self.manifest["shards"][split]]
+        return [storage.join(self.root, rel) for rel in self.manifest["shards"][split]]
 
     @property
     def train_files(self) -> list[str]:

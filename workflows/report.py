@@ -11,11 +11,15 @@ from workflows.artifacts import atomic_write_text
 _METRIC_ORDER = ("loss", "perplexity", "token_accuracy", "exact_match", "match", "accuracy", "macro_f1", "rows")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+def _read_jsonl(location: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, a local path or a work-directory URI (`s3://...`); [] if it is missing."""
+    from workflows.storage import read_text
+
+    text = read_text(location)
+    if text is None:
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -80,7 +84,7 @@ def write_report(run_dir: Path, manifest: dict[str, Any]) -> Path:
         lines += _table(["count", "rows"], flat)
 
     train = stages.get("train", {}).get("outputs", {})
-    rows = _read_jsonl(Path(train["metrics_path"])) if train.get("metrics_path") else []
+    rows = _read_jsonl(train["metrics_path"]) if train.get("metrics_path") else []
     if rows or train.get("metrics"):
         lines += ["", "## Training", ""]
         loss_png = _plot(run_dir, "loss.png", {"train loss": _series(rows, "train_loss"),

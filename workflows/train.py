@@ -10,6 +10,10 @@ Ray Train state (checkpoints, `metrics.jsonl`, the final adapter) lives in
 `<storage_path>/<run_name>/`, outside the stage directory: the same `run_name` resumes an
 interrupted run from its last registered checkpoint, and a finished one returns at once. The stage
 directory `out_dir` (adapter/, metrics.jsonl, result.json, _SUCCESS) is committed only at the end.
+
+`storage_path` may be an object store URI (`s3://bucket/work/ray_train`): Ray Train then gets the
+driver's pyarrow filesystem, and rank 0 copies `metrics.jsonl` and `final/` there from a node-local
+folder (`train_loop_to_store`), since the training loop writes those with plain file I/O.
 """
 
 from __future__ import annotations
@@ -17,14 +21,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from workflows import __version__
-from workflows.artifacts import atomic_write_json, sha256_file, stage_output
+from workflows import __version__, storage
+from workflows.artifacts import atomic_write_json, fingerprint, stage_output
 from workflows.config import PipelineConfig, TrainSection
 from workflows.train_loop import WorkerConfig, train_loop_per_worker
 
@@ -55,7 +58,14 @@ def run_train(config: PipelineConfig, prepared: Any, out_dir: str | Path, storag
     """
     trainer = build_trainer(config, prepared, storage_path, run_name, stop_after_step=stop_after_step)
     trainer.fit()  # raises ray.train.TrainingFailedError when retries are exhausted
-    return commit_run(Path(out_dir), Path(storage_path).expanduser().resolve() / run_name)
+    return commit_run(Path(out_dir), _run_dir(storage_path, run_name))
+
+
+def _run_dir(storage_path: str | Path, run_name: str) -> Path | str:
+    """`<storage_path>/<run_name>`: a resolved local path, or a URI."""
+    if storage.is_uri(storage_path):
+        return storage.join(storage_path, run_name)
+    return Path(storage_path).expanduser().resolve() / run_name
 
 
 def build_trainer(config: PipelineConfig, prepared: Any, storage_path: str | Path, run_name: str, *,
@@ -76,7 +86,7 @@ def build_trainer(config: PipelineConfig, prepared: Any, storage_path: str | Pat
     total_steps = plan_steps(_rows(prepared.train_files), tc)
     check_cluster_fits(tc, ray.cluster_resources(), _max_cluster_resources())
 
-    run_dir = Path(storage_path).expanduser().resolve() / run_name
+    run_dir = _run_dir(storage_path, run_name)
     worker = WorkerConfig(
         model=config.section("model"), lora=config.section("lora"), train=config.section("train"),
         manifest=prepared.manifest, run_dir=str(run_dir), total_steps=total_steps,
@@ -88,12 +98,19 @@ def build_trainer(config: PipelineConfig, prepared: Any, storage_path: str | Pat
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same order every epoch and attempt: resume skips consumed batches
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    if storage.is_uri(run_dir):
+        # Ray Train gets the driver's filesystem object: its endpoint settings then apply on every node.
+        fs, path = storage.resolve(storage_path)
+        loop, where = train_loop_to_store, {"storage_path": path, "storage_filesystem": fs}
+        loop_config = {**asdict(worker), "store_fs": fs, "store_run_dir": f"{path}/{run_name}"}
+    else:
+        loop, loop_config, where = train_loop_per_worker, asdict(worker), {"storage_path": str(run_dir.parent)}
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=asdict(worker),
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=str(run_dir.parent),
+        run_config=RunConfig(name=run_name, **where,
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
                              callbacks=callbacks or None),
@@ -118,13 +135,15 @@ def train_datasets(prepared: Any, tc: TrainSection) -> dict[str, Any]:
     """
     import ray
 
-    train = _in_file_order(ray.data.read_parquet(list(prepared.train_files)))
-    if sum(Path(f).stat().st_size for f in prepared.train_files) <= MATERIALIZE_MAX_BYTES:
+    paths, fs = storage.ray_paths(prepared.train_files)
+    train = _in_file_order(ray.data.read_parquet(paths, filesystem=fs))
+    if sum(storage.size(f) for f in prepared.train_files) <= MATERIALIZE_MAX_BYTES:
         train = train.materialize()
     datasets = {"train": train}
     if prepared.eval_files:
         rows = tc.eval_batches * tc.batch_size * tc.num_workers
-        datasets["eval"] = _in_file_order(ray.data.read_parquet(list(prepared.eval_files))).limit(rows).materialize()
+        paths, fs = storage.ray_paths(prepared.eval_files)
+        datasets["eval"] = _in_file_order(ray.data.read_parquet(paths, filesystem=fs)).limit(rows).materialize()
     return datasets
 
 
@@ -151,7 +170,7 @@ def check_prepared(config: PipelineConfig, prepared: Any) -> None:
     """Refuse prepared data this model cannot train on, naming the manifest field and both values."""
     from workflows.models import load_tokenizer, tokenizer_fingerprint
 
-    manifest, where = prepared.manifest, Path(prepared.root) / "manifest.json"
+    manifest, where = prepared.manifest, storage.join(prepared.root, "manifest.json")
     if manifest.get("task") != config.model.task:
         raise PreparedDataError(f"{where}: manifest field 'task' is {manifest.get('task')!r} but "
                                 f"model.task is {config.model.task!r}; prepare the data for this task")
@@ -164,7 +183,7 @@ def check_prepared(config: PipelineConfig, prepared: Any) -> None:
             f"({(manifest.get('tokenizer') or {}).get('name')!r}); prepare it again for this model")
     if not prepared.train_files:
         raise PreparedDataError(f"{where}: manifest field 'shards.train' lists no train shards")
-    missing = [str(f) for f in prepared.train_files + prepared.eval_files if not Path(f).is_file()]
+    missing = [str(f) for f in prepared.train_files + prepared.eval_files if not storage.exists(f)]
     if missing:
         raise PreparedDataError(f"{where}: manifest field 'shards' names files that do not exist: {missing[:3]}")
     if config.model.task == "seq_cls" and not manifest.get("label_names"):
@@ -220,8 +239,8 @@ def plan_steps(train_rows: int, tc: TrainSection) -> int:
     return tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
 
 
-def _rows(files: list[Path]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+def _rows(files: list[str]) -> int:
+    return sum(storage.parquet_rows(f) for f in files)
 
 
 def _resolve_init_adapter(config: PipelineConfig) -> str | None:
@@ -245,27 +264,84 @@ def _base_identity(config: PipelineConfig) -> dict[str, Any]:
 # --- committing the stage directory --------------------------------------------------------------
 
 
-def _lineage(config: PipelineConfig, prepared: Any, run_dir: Path) -> dict[str, Any]:
+def _lineage(config: PipelineConfig, prepared: Any, run_dir: Path | str) -> dict[str, Any]:
     """What loraflow.json records beside lora_core's own fields (weights sha256, base identity)."""
+    from workflows.inputs import file_digest
+
     manifest = prepared.manifest
+    run_name, storage_path = _split_run_dir(run_dir)
     return {
         "prepared": {"root": str(prepared.root),
-                     "manifest_sha256": sha256_file(Path(prepared.root) / "manifest.json"),
+                     "manifest_sha256": file_digest(storage.join(prepared.root, "manifest.json")),
                      "rows_digest": manifest.get("rows_digest"), "input_digest": manifest.get("input_digest"),
                      "tokenizer": manifest.get("tokenizer")},
         "config": config.model_dump(mode="json"),
-        "ray_train": {"run_name": run_dir.name, "storage_path": str(run_dir.parent)},
+        "ray_train": {"run_name": run_name, "storage_path": storage_path},
         "loraflow_version": __version__,
     }
 
 
-def commit_run(out_dir: Path, run_dir: Path) -> TrainResult:
-    """Copy a finished Ray Train run's final adapter and metrics into the stage directory."""
+def _split_run_dir(run_dir: Path | str) -> tuple[str, str]:
+    """(run name, storage path) of `<storage_path>/<run_name>`, a local path or a URI."""
+    if storage.is_uri(run_dir):
+        storage_path, _, run_name = str(run_dir).rstrip("/").rpartition("/")
+        return run_name, storage_path
+    return Path(run_dir).name, str(Path(run_dir).parent)
+
+
+# --- object store run directories ----------------------------------------------------------------
+
+
+def train_loop_to_store(config: dict[str, Any]) -> dict[str, Any]:
+    """The worker function when Ray Train's storage is an object store.
+
+    `train_loop_per_worker` writes `metrics.jsonl` and `final/` to its run directory with plain
+    file I/O, so it gets a node-local folder, and rank 0 copies both to the run directory in the
+    store whenever it stops (finished, failed or interrupted). A worker group restarted on another
+    node first takes the metrics logged so far back from the store. Checkpoints go through Ray
+    Train, which writes them to the store itself.
+    """
+    import ray.train
+
+    fs, remote = config.pop("store_fs"), config.pop("store_run_dir")
+    local = Path(tempfile.gettempdir()) / "loraflow-train" / fingerprint(fs.type_name, remote)
+    if ray.train.get_context().get_world_rank() != 0:
+        return train_loop_per_worker({**config, "run_dir": str(local)})
+    local.mkdir(parents=True, exist_ok=True)
+    log = local / "metrics.jsonl"
+    if not log.exists() and storage.read_from(fs, f"{remote}/metrics.jsonl") is not None:
+        storage.download_file(fs, f"{remote}/metrics.jsonl", log)
+    try:
+        return train_loop_per_worker({**config, "run_dir": str(local)})
+    finally:
+        if log.exists():
+            storage.upload_file(log, fs, f"{remote}/metrics.jsonl")
+        if (local / "final").is_dir():  # the run finished: the store now holds all of it
+            fs.delete_dir_contents(f"{remote}/final", missing_dir_ok=True)
+            storage.upload_dir(local / "final", fs, f"{remote}/final")
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def commit_run(out_dir: Path, run_dir: Path | str) -> TrainResult:
+    """Copy a finished Ray Train run's final adapter and metrics into the stage directory (from an
+    object store through a temporary local copy)."""
+    if not storage.is_uri(run_dir):
+        return _commit_local_run(out_dir, Path(run_dir), *_split_run_dir(run_dir))
+    fs, path = storage.resolve(run_dir)
+    with tempfile.TemporaryDirectory(prefix="loraflow-run-") as tmp:
+        storage.download_dir(fs, f"{path}/final", Path(tmp) / "final")
+        if storage.exists(storage.join(run_dir, "metrics.jsonl")):
+            storage.download_file(fs, f"{path}/metrics.jsonl", Path(tmp) / "metrics.jsonl")
+        return _commit_local_run(out_dir, Path(tmp), *_split_run_dir(run_dir), shown=str(run_dir))
+
+
+def _commit_local_run(out_dir: Path, run_dir: Path, run_name: str, storage_path: str,
+                      shown: str | None = None) -> TrainResult:
     final = run_dir / "final"
     if not (final / "adapter").is_dir():
-        raise RuntimeError(f"Ray Train finished but {final / 'adapter'} is missing; rank 0 did not save it")
+        where = storage.join(shown, "final", "adapter") if shown else final / "adapter"
+        raise RuntimeError(f"Ray Train finished but {where} is missing; rank 0 did not save it")
     metrics = json.loads((final / "metrics.json").read_text())
-    run_name, storage_path = run_dir.name, str(run_dir.parent)
     result = {"metrics": metrics, "run_name": run_name, "storage_path": storage_path, **metrics}
     with stage_output(out_dir, success={"run_name": run_name}) as tmp:
         shutil.copytree(final / "adapter", tmp / "adapter")
