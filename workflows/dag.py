@@ -7,6 +7,10 @@ what to run. A stage's output directory is keyed by its fingerprint and counts o
 `_SUCCESS` marker, so a re-run skips finished stages and a killed run resumes at the first
 unfinished one (training continues from its last registered Ray Train checkpoint, because the
 Ray Train run name is stable for a fingerprint until a forced rerun bumps its attempt counter).
+
+The work directory may be an object store (`s3://bucket/prefix`, `workflows.storage`): stages then
+write into a local staging copy that is uploaded with `_SUCCESS` last, and a stage counts as done
+iff `<work>/<stage>/<fingerprint>/_SUCCESS` exists in the store.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from workflows import __version__
-from workflows.artifacts import atomic_write_json, fingerprint, is_complete
-from workflows.config import PipelineConfig
+from workflows.artifacts import fingerprint
+from workflows.config import ConfigError, PipelineConfig
+from workflows.storage import WorkStore, is_uri
 
 
 @dataclass(frozen=True)
@@ -50,32 +55,40 @@ def _local(path: str) -> Path:
 
 @dataclass
 class Layout:
-    """Where a config's artifacts live. Output paths are relative to the working directory."""
+    """Where a config's artifacts live. Local paths are relative to the working directory.
+
+    `store` is where stage outputs count (`cluster.work_dir`, local or an object store); `work` is
+    the local folder stages write into and locks live in: the work directory itself, or for an
+    object store its local mirror. Run records (`runs`) always stay local.
+    """
 
     work: Path
     runs: Path
+    store: WorkStore
 
     @classmethod
     def of(cls, config: PipelineConfig) -> Layout:
-        return cls(work=_local(config.cluster.work_dir), runs=_local(config.cluster.runs_dir))
+        if is_uri(config.cluster.runs_dir):
+            raise ConfigError(f"cluster.runs_dir {config.cluster.runs_dir!r}: run records are written to a local "
+                              "path (only cluster.work_dir may be an object store URI)")
+        store = WorkStore.open(config.cluster.work_dir)
+        return cls(work=store.local, runs=_local(config.cluster.runs_dir), store=store)
 
     def stage_dir(self, stage: str, fp: str) -> Path:
         return self.work / stage / fp
 
     @property
-    def ray_storage(self) -> Path:
-        return self.work / "ray_train"
-
-    @property
-    def state_file(self) -> Path:
-        return self.work / "last_plan.json"
+    def ray_storage(self) -> str:
+        """Ray Train's `storage_path`: follows the work directory (a URI on an object store)."""
+        return self.store.uri_of("ray_train")
 
 
 @dataclass
 class PlannedStage:
     name: str
     fingerprint: str
-    dir: Path
+    dir: Path  # the local directory the stage writes (a staging copy when the work dir is remote)
+    uri: str  # where the output is committed: str(dir), or its object store URI
     components: dict[str, Any]
     status: str  # "hit" | "miss" | "forced"
     why: str
@@ -116,7 +129,8 @@ def plan(config: PipelineConfig, force_from: str | None = None,
     if input_digest is None:
         from workflows.inputs import input_digest
     layout = Layout.of(config)
-    previous = _read_json(layout.state_file)
+    layout.store.check()
+    previous = _read_state(layout)
     result = Plan(config, layout)
     forced = False
     fps: dict[str, str] = {}
@@ -128,22 +142,25 @@ def plan(config: PipelineConfig, force_from: str | None = None,
             components["input_digest"] = input_digest(config)
         fp = fingerprint(stage.name, components)
         fps[stage.name] = fp
-        stage_dir = layout.stage_dir(stage.name, fp)
         forced = forced or stage.name == force_from
         if forced:
             status, why = "forced", f"--from {force_from}"
-        elif is_complete(stage_dir):
+        elif layout.store.is_complete(stage.name, fp):
             status, why = "hit", "output exists"
         else:
             status, why = "miss", _why_changed(stage.name, components, previous)
-        result.stages.append(PlannedStage(stage.name, fp, stage_dir, components, status, why))
+        result.stages.append(PlannedStage(stage.name, fp, layout.stage_dir(stage.name, fp),
+                                          layout.store.uri_of(stage.name, fp), components, status, why))
     return result
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+STATE_FILE = "last_plan.json"
+
+
+def _read_state(layout: Layout) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(layout.store.read_text(STATE_FILE) or "{}")
+    except json.JSONDecodeError:
         return {}
 
 
@@ -153,7 +170,11 @@ class LockHeldError(RuntimeError):
 
 @contextlib.contextmanager
 def work_lock(work: Path, wait: bool = True) -> Iterator[None]:
-    """One driver per work directory at a time (a second `loraflow run` waits, or fails with wait=False)."""
+    """One driver per work directory at a time (a second `loraflow run` waits, or fails with wait=False).
+
+    `work` is `Layout.work`: for an object store, the local mirror keyed by the URI, so this guards
+    runs on one machine only; concurrent runs from different machines on one prefix are not guarded.
+    """
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".lock", "w") as f:
         flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
@@ -172,23 +193,24 @@ def new_run_id() -> str:
 
 
 def attempt_of(layout: Layout, fp: str) -> int:
-    path = layout.work / "train" / f".{fp}.attempt"
-    return int(path.read_text()) if path.is_file() else 0
+    text = layout.store.read_text("train", f".{fp}.attempt")
+    return int(text) if text else 0
 
 
 def bump_attempt(layout: Layout, fp: str) -> int:
-    """A forced train rerun needs a new Ray Train run name: re-running a finished run returns the old result."""
-    path = layout.work / "train" / f".{fp}.attempt"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A forced train rerun needs a new Ray Train run name: re-running a finished run returns the old result.
+
+    The counter lives in the work directory (the store), beside the Ray Train runs it names.
+    """
     n = attempt_of(layout, fp) + 1
-    path.write_text(str(n))
+    layout.store.write_text(str(n), "train", f".{fp}.attempt")
     return n
 
 
 def save_plan_state(p: Plan, completed: list[str] | None = None) -> None:
     """Remember the inputs of the stages that completed, so a later plan can say *why* it misses."""
-    state = _read_json(p.layout.state_file)
+    state = _read_state(p.layout)
     for s in p.stages:
         if completed is None or s.name in completed:
             state[s.name] = {"fingerprint": s.fingerprint, "components": s.components}
-    atomic_write_json(p.layout.state_file, state)
+    p.layout.store.write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n", STATE_FILE)

@@ -2,12 +2,13 @@
 
 Ray is started only when a stage that needs it has to run, so a fully cached re-run never
 starts a cluster. Every run writes `runs/<run-id>/manifest.json` (fingerprints, inputs, outputs,
-timings, registry version) and a report.
+timings, registry version) and a report. With the work directory on an object store each stage
+runs into a local staging directory that is then published (`workflows.storage`); the manifest
+records the store URIs of the outputs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from workflows.dag import (
     save_plan_state,
     work_lock,
 )
+from workflows.storage import WorkStore, join, read_json
 
 
 @dataclass
@@ -53,7 +55,7 @@ def start_ray(config: PipelineConfig, log: Callable[[str], None]) -> bool:
     address = cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     if address:
         ray.init(address=address, log_to_driver=True)
-        check_shared_storage(Layout.of(config).work)
+        check_shared_storage(Layout.of(config).store)
     else:
         train = config.train
         # Train workers hold their CPUs for the whole fit; leave at least 2 logical CPUs for Ray Data
@@ -73,47 +75,71 @@ def ensure_ray(ctx: RunContext) -> None:
     ctx.ray_started = start_ray(ctx.config, ctx.log) or ctx.ray_started
 
 
-def check_shared_storage(work: Path) -> None:
-    """On more than one node, the work directory must be storage every node sees."""
+def check_shared_storage(store: WorkStore) -> None:
+    """On more than one node, the work directory must be storage every node sees.
+
+    Every node reads a marker the driver wrote, through the same filesystem object the stages use:
+    a local directory must be a volume mounted on every node; an object store must be reachable
+    (endpoint, credentials) from every node.
+    """
     import ray
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if len(alive) <= 1:
         return
-    marker = work / ".shared-storage-check"
-    marker.parent.mkdir(parents=True, exist_ok=True)
+    name = ".shared-storage-check"
     token = new_run_id()
-    marker.write_text(token)
+    store.write_text(token, name)
 
     @ray.remote(num_cpus=0)
-    def sees(path: str) -> bool:
+    def sees(fs, path: str) -> bool:
         try:
-            return Path(path).read_text() == token
+            with fs.open_input_stream(path) as f:
+                return f.read().decode() == token
         except OSError:
             return False
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(str(marker)) for n in alive]
+            .remote(store.fs, store.path_of(name)) for n in alive]
     blind = [n["NodeManagerAddress"] for n, ok in zip(alive, ray.get(refs)) if not ok]
+    if blind and store.remote:
+        raise RuntimeError(
+            f"work directory {store.uri} cannot be read from node(s) {', '.join(blind)}: give every node "
+            "credentials for the bucket (the endpoint setting travels from the driver)")
     if blind:
         raise RuntimeError(
-            f"work directory {work} is not visible from node(s) {', '.join(blind)}: on a multi-node cluster "
-            "set cluster.work_dir to storage every node mounts (a shared volume) so Ray Train checkpoints "
-            "and stage outputs are reachable everywhere")
+            f"work directory {store.uri} is not visible from node(s) {', '.join(blind)}: on a multi-node cluster "
+            "set cluster.work_dir to storage every node mounts (a shared volume) or to an object store "
+            "(s3://bucket/prefix) so Ray Train checkpoints and stage outputs are reachable everywhere")
 
 
 # --- stage bodies: each returns a JSON-able summary of its outputs -----------------------------
+# A fresh stage writes `st.dir` (local), then `_publish` commits it to the work directory's store
+# (a no-op for a local work directory); summaries read the committed output at `st.uri`.
+
+
+def _publish(ctx: RunContext, st: PlannedStage) -> None:
+    ctx.plan.layout.store.publish(st.name, st.fingerprint)
+
+
+def _local_output(ctx: RunContext, stage: str) -> Path:
+    """An upstream stage's output as a local directory (downloaded once when the store is remote)."""
+    return ctx.plan.layout.store.fetch(stage, ctx.plan[stage].fingerprint)
 
 
 def _prepare(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
     from workflows.prepare import PreparedData, run_prepare
 
-    prepared = run_prepare(ctx.config, st.dir) if fresh else PreparedData.load(st.dir)
+    if fresh:
+        run_prepare(ctx.config, st.dir)
+        _publish(ctx, st)
+    # Remote: the shards are read straight from the store, by whichever node reads them.
+    prepared = PreparedData.load(st.uri)
     ctx.outputs["prepare"]["prepared"] = prepared
     m = prepared.manifest
-    return {"dir": str(st.dir), "counts": m.get("counts", {}), "input_digest": m.get("input_digest"),
+    return {"dir": st.uri, "counts": m.get("counts", {}), "input_digest": m.get("input_digest"),
             "rows_digest": m.get("rows_digest"), "tokens": m.get("tokens", {})}
 
 
@@ -125,9 +151,10 @@ def _train(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
         attempt = bump_attempt(layout, st.fingerprint) if st.status == "forced" else attempt_of(layout, st.fingerprint)
         run_name = f"{st.fingerprint}-a{attempt}"
         run_train(ctx.config, ctx.outputs["prepare"]["prepared"], st.dir,
-                  storage_path=str(layout.ray_storage), run_name=run_name)
-    result = json.loads((st.dir / "result.json").read_text())
-    return {"dir": str(st.dir), "adapter": str(st.dir / "adapter"), "metrics_path": str(st.dir / "metrics.jsonl"),
+                  storage_path=layout.ray_storage, run_name=run_name)
+        _publish(ctx, st)
+    result = read_json(join(st.uri, "result.json"))
+    return {"dir": st.uri, "adapter": join(st.uri, "adapter"), "metrics_path": join(st.uri, "metrics.jsonl"),
             **{k: result[k] for k in ("run_name", "metrics") if k in result}}
 
 
@@ -137,10 +164,11 @@ def _evaluate(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
         from workflows.registry import Registry
 
         registry = Registry(ctx.config.registry.root) if ctx.config.eval.compare_champion else None
-        run_evaluate(ctx.config, ctx.outputs["prepare"]["prepared"], Path(ctx.outputs["train"]["adapter"]),
+        run_evaluate(ctx.config, ctx.outputs["prepare"]["prepared"], _local_output(ctx, "train") / "adapter",
                      st.dir, registry=registry)
-    metrics = json.loads((st.dir / "metrics.json").read_text())
-    return {"dir": str(st.dir), "metrics": metrics}
+        _publish(ctx, st)
+    metrics = read_json(join(st.uri, "metrics.json"))
+    return {"dir": st.uri, "metrics": metrics}
 
 
 def _register(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
@@ -157,12 +185,13 @@ def _register(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
             "loraflow_version": __version__,
             "fingerprints": {s.name: s.fingerprint for s in ctx.plan.stages},
         }
-        version, decision = register_and_gate(ctx.config, Path(ctx.outputs["train"]["adapter"]),
+        version, decision = register_and_gate(ctx.config, _local_output(ctx, "train") / "adapter",
                                               ctx.outputs["evaluate"]["metrics"], lineage)
         with stage_output(st.dir) as tmp:
             atomic_write_json(tmp / "register.json", {"name": ctx.config.registry.name, "version": version,
                                                      "decision": _as_dict(decision)})
-    return {"dir": str(st.dir), **json.loads((st.dir / "register.json").read_text())}
+        _publish(ctx, st)
+    return {"dir": st.uri, **read_json(join(st.uri, "register.json"))}
 
 
 def _pinned_parent(config: PipelineConfig) -> str | None:
@@ -221,6 +250,7 @@ def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: s
     from workflows.dag import STAGES
 
     layout = Layout.of(config)
+    layout.store.check(write=True)  # an unusable bucket fails here, naming the URI, before any stage
     stages = {s.name: s for s in STAGES}
     with work_lock(layout.work):
         p = plan(config, force_from=force_from)  # under the lock: another run may have finished stages
@@ -238,6 +268,8 @@ def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: s
                 ctx.log(f"==> [{st.name}] {banner} ({st.why}) fingerprint {st.fingerprint}")
                 if fresh and stages[st.name].needs_ray:
                     ensure_ray(ctx)
+                if fresh:
+                    p.layout.store.clear_staging(st.name, st.fingerprint)
                 t0 = time.time()
                 ctx.outputs[st.name].update(STAGE_BODIES[st.name](ctx, st, fresh))
                 manifest["stages"][st.name] = {
