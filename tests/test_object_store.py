@@ -1,0 +1,258 @@
+"""The work directory on an object store: a real S3 API (moto's server) behind pyarrow.
+
+Unit tests pin the commit protocol against the bucket: files without `_SUCCESS` are not a stage,
+`_SUCCESS` is the last object a publish writes, a committed stage is never overwritten, and an
+unusable store fails naming the URI. One end-to-end CLI run (its own local Ray, which inherits the
+AWS_* settings) puts every stage output and Ray Train's checkpoints in the bucket; a second run is
+all cache hits without starting Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from workflows.artifacts import SUCCESS, stage_output
+from workflows.config import ConfigError, config_from_dict
+from workflows.dag import Layout, plan
+from workflows.storage import StorageError, WorkStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_pipeline_e2e import pipeline_config, statuses, write_rows  # noqa: E402
+
+BUCKET = "loraflow-test"
+
+
+@dataclass
+class S3:
+    endpoint: str
+    fs: pafs.FileSystem
+    recording: Path
+
+    def uri(self, key: str) -> str:
+        return f"s3://{BUCKET}/{key}"
+
+    def keys(self, prefix: str) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+        return sorted(i.path.removeprefix(f"{BUCKET}/") for i in infos if i.type == pafs.FileType.File)
+
+    def put(self, key: str, data: bytes) -> None:
+        with self.fs.open_output_stream(f"{BUCKET}/{key}") as f:
+            f.write(data)
+
+    def record(self, action: str) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}", method="POST"))
+
+    def recorded_keys(self) -> list[str]:
+        """Object keys of the recorded write requests (PUT and POST: multipart uploads), in order."""
+        entries = [json.loads(line) for line in self.recording.read_text().splitlines() if line.strip()]
+        return [e["url"].split(f"/{BUCKET}/", 1)[1].split("?")[0] for e in entries
+                if e["method"] in ("PUT", "POST") and f"/{BUCKET}/" in e["url"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free port, with AWS_* pointing this process and its children at it."""
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    recording = tmp_path_factory.mktemp("moto") / "recording.jsonl"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "MOTO_RECORDER_FILEPATH": str(recording)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(endpoint.rsplit(":", 1)[1]), verbose=False)
+    server.start()
+    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
+    yield S3(endpoint, fs, recording)
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def s3_config(tmp_path: Path, work_uri: str, **cluster):
+    return config_from_dict({"data": {"source": "rows.jsonl", "format": "instruction"},
+                             "cluster": {"work_dir": work_uri, "runs_dir": str(tmp_path / "runs"), **cluster}})
+
+
+def same_digest(config) -> str:
+    return "d1"
+
+
+def stage_locally(st, files: dict[str, str]) -> None:
+    """What a stage body does: commit its output into the local staging directory."""
+    with stage_output(st.dir) as tmp:
+        for rel, text in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text)
+
+
+# --- the commit protocol --------------------------------------------------------------------------
+
+
+def test_a_prefix_with_files_but_no_success_marker_is_a_miss(s3, tmp_path):
+    p = plan(s3_config(tmp_path, s3.uri("half")), input_digest=same_digest)
+    st = p["prepare"]
+    assert st.uri == s3.uri(f"half/prepare/{st.fingerprint}")
+    s3.put(f"half/prepare/{st.fingerprint}/manifest.json", b"{}")  # an upload that died before the marker
+    again = plan(s3_config(tmp_path, s3.uri("half")), input_digest=same_digest)
+    assert again["prepare"].status == "miss"
+
+
+def test_publish_commits_with_the_success_marker_as_the_last_object_written(s3, tmp_path):
+    p = plan(s3_config(tmp_path, s3.uri("order")), input_digest=same_digest)
+    st = p["prepare"]
+    stage_locally(st, {f"train/part-{i:05d}.parquet": "x" * 100 for i in range(6)} | {"manifest.json": "{}"})
+    s3.record("reset-recording")
+    s3.record("start-recording")
+    try:
+        p.layout.store.publish("prepare", st.fingerprint)
+    finally:
+        s3.record("stop-recording")
+    written = [k for k in s3.recorded_keys() if k.startswith(f"order/prepare/{st.fingerprint}/")]
+    assert len(set(written)) == 8  # 6 shards, the manifest, the marker
+    # Each object is a multipart upload (several requests): the marker's first comes after all others.
+    marker = [i for i, k in enumerate(written) if k.endswith(f"/{SUCCESS}")]
+    assert min(marker) > max(i for i, k in enumerate(written) if not k.endswith(f"/{SUCCESS}"))
+    assert plan(s3_config(tmp_path, s3.uri("order")), input_digest=same_digest)["prepare"].status == "hit"
+
+
+def test_publish_clears_what_an_unfinished_attempt_left(s3, tmp_path):
+    p = plan(s3_config(tmp_path, s3.uri("retry")), input_digest=same_digest)
+    st = p["train"]
+    s3.put(f"retry/train/{st.fingerprint}/adapter/stale.bin", b"from a crashed attempt")
+    stage_locally(st, {"adapter/adapter_config.json": "{}", "result.json": "{}"})
+    p.layout.store.publish("train", st.fingerprint)
+    assert s3.keys(f"retry/train/{st.fingerprint}") == [
+        f"retry/train/{st.fingerprint}/{rel}" for rel in (SUCCESS, "adapter/adapter_config.json", "result.json")]
+
+
+def test_a_committed_stage_is_never_overwritten(s3, tmp_path):
+    p = plan(s3_config(tmp_path, s3.uri("immutable")), input_digest=same_digest)
+    st = p["evaluate"]
+    stage_locally(st, {"metrics.json": '{"loss": 1}'})
+    p.layout.store.publish("evaluate", st.fingerprint)
+    p.layout.store.clear_staging("evaluate", st.fingerprint)
+    stage_locally(st, {"metrics.json": '{"loss": 2}'})
+    with pytest.raises(FileExistsError, match=rf"{st.uri} is already complete"):
+        p.layout.store.publish("evaluate", st.fingerprint)
+    assert s3.fs.open_input_stream(f"{BUCKET}/immutable/evaluate/{st.fingerprint}/metrics.json").read() == b'{"loss": 1}'
+
+
+def test_fetch_downloads_a_committed_stage_and_reuses_it_while_its_marker_matches(s3, tmp_path):
+    p = plan(s3_config(tmp_path, s3.uri("fetch")), input_digest=same_digest)
+    st, store = p["train"], p.layout.store
+    stage_locally(st, {"adapter/adapter_model.safetensors": "weights", "result.json": "{}"})
+    store.publish("train", st.fingerprint)
+    store.clear_staging("train", st.fingerprint)  # another machine: nothing cached
+    local = store.fetch("train", st.fingerprint)
+    assert (local / "adapter" / "adapter_model.safetensors").read_text() == "weights"
+    (local / "result.json").write_text("edited locally")
+    assert (store.fetch("train", st.fingerprint) / "result.json").read_text() == "edited locally"  # cached
+    s3.put(f"fetch/train/{st.fingerprint}/{SUCCESS}", b'{"published": "elsewhere"}')
+    assert (store.fetch("train", st.fingerprint) / "result.json").read_text() == "{}"  # downloaded again
+
+
+def test_a_missing_bucket_fails_before_any_stage_naming_the_uri(s3, tmp_path):
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/work: bucket 'no-such-bucket' does not exist"):
+        plan(s3_config(tmp_path, "s3://no-such-bucket/work"), input_digest=same_digest)
+
+
+def test_an_unreachable_endpoint_fails_naming_the_uri(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(StorageError, match=rf"s3://{BUCKET}/work: cannot reach the store"):
+        WorkStore.open(f"s3://{BUCKET}/work").check()
+
+
+def test_runs_dir_stays_local(tmp_path):
+    config = s3_config(tmp_path, "s3://bucket/work", runs_dir="s3://bucket/runs")
+    with pytest.raises(ConfigError, match="cluster.runs_dir 's3://bucket/runs'"):
+        Layout.of(config)
+
+
+# --- one pipeline run through the CLI -------------------------------------------------------------
+
+
+def loraflow(*args: str, cwd: Path, timeout: int = 300) -> dict:
+    """A `loraflow` subprocess that starts its own local Ray (inheriting the AWS_* settings)."""
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", *args, "--json"],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def bucket_run(tmp_path_factory, s3):
+    root = tmp_path_factory.mktemp("s3e2e")
+    write_rows(root / "rows.jsonl", 120, seed=1)
+    cfg = pipeline_config(root, max_steps=4)
+    # No dashboard and no generation: seconds saved on a small machine, nothing this module checks.
+    work = ["--set", f"cluster.work_dir={s3.uri('work')}", "--set", "cluster.dashboard=false",
+            "--set", "eval.generation.num_prompts=0"]
+    first = loraflow("run", str(cfg), *work, cwd=root)
+    return root, cfg, work, first
+
+
+def test_every_stage_output_is_committed_in_the_bucket(bucket_run, s3):
+    _, _, _, manifest = bucket_run
+    assert statuses(manifest) == ["ran"] * 4
+    for stage, must_hold in (("prepare", "manifest.json"), ("train", "adapter/adapter_config.json"),
+                             ("evaluate", "metrics.json"), ("register", "register.json")):
+        out = manifest["stages"][stage]["outputs"]["dir"]
+        fp = manifest["stages"][stage]["fingerprint"]
+        assert out == s3.uri(f"work/{stage}/{fp}")  # the run manifest records the store URIs
+        keys = s3.keys(f"work/{stage}/{fp}")
+        assert f"work/{stage}/{fp}/{SUCCESS}" in keys and f"work/{stage}/{fp}/{must_hold}" in keys
+
+
+def test_ray_train_checkpoints_live_under_the_work_dir_in_the_bucket(bucket_run, s3):
+    _, _, _, manifest = bucket_run
+    run_name = manifest["stages"]["train"]["outputs"]["run_name"]
+    keys = s3.keys(f"work/ray_train/{run_name}")
+    assert any("/checkpoint_" in k for k in keys)
+    assert f"work/ray_train/{run_name}/checkpoint_manager_snapshot.json" in keys
+    assert f"work/ray_train/{run_name}/final/adapter/adapter_model.safetensors" in keys
+
+
+def test_the_run_registered_a_version_in_the_local_registry(bucket_run):
+    root, _, _, manifest = bucket_run
+    reg = manifest["stages"]["register"]["outputs"]
+    assert reg["version"] == 1 and reg["decision"]["promote"] is True
+    assert (root / "registry" / "adapters" / "e2e" / "1" / "adapter_config.json").is_file()
+    assert (root / "runs" / manifest["run_id"] / "loss.png").is_file()  # report read metrics from the bucket
+
+
+def test_second_run_is_all_cache_hits_without_starting_ray(bucket_run):
+    root, cfg, work, _ = bucket_run
+    manifest = loraflow("run", str(cfg), *work, cwd=root)
+    assert statuses(manifest) == ["hit"] * 4
+    assert manifest["ray_started"] is False
+
+
+def test_dag_reports_the_bucket_cache_status(bucket_run):
+    root, cfg, work, _ = bucket_run
+    rows = {r["stage"]: r for r in loraflow("dag", str(cfg), *work, "--set", "train.lr=1e-3", cwd=root)}
+    assert rows["prepare"]["status"] == "hit" and rows["train"]["status"] == "miss"
