@@ -166,6 +166,7 @@ class WorkStore:
 
     @classmethod
     def open(cls, work_dir: str) -> WorkStore:
+        work_dir = work_dir.removeprefix("file://")  # a local path spelled as a URI
         if not is_uri(work_dir):
             path = Path(work_dir).expanduser().resolve()
             return cls(str(path), pafs.LocalFileSystem(), str(path), path)
@@ -239,8 +240,9 @@ class WorkStore:
             shutil.rmtree(self.local_of(*parts), ignore_errors=True)
 
     def publish(self, *parts: str) -> None:
-        """Commit the committed local directory `local_of(*parts)` to the store: clear what an
-        unfinished attempt left, upload every file, then `_SUCCESS`. No-op for a local work dir."""
+        """Commit the stage directory `local_of(*parts)` (already committed locally by `stage_output`)
+        to the store: clear what an unfinished attempt left, upload every file, then `_SUCCESS`.
+        A no-op for a local work directory, where that directory is the output."""
         if not self.remote:
             return
         src, dst = self.local_of(*parts), self.path_of(*parts)

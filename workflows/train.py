@@ -309,8 +309,8 @@ def train_loop_to_store(config: dict[str, Any]) -> dict[str, Any]:
         return train_loop_per_worker({**config, "run_dir": str(local)})
     local.mkdir(parents=True, exist_ok=True)
     log = local / "metrics.jsonl"
-    if not log.exists() and storage.read_from(fs, f"{remote}/metrics.jsonl") is not None:
-        storage.download_file(fs, f"{remote}/metrics.jsonl", log)
+    if not log.exists() and (logged := storage.read_from(fs, f"{remote}/metrics.jsonl")) is not None:
+        log.write_bytes(logged)
     try:
         return train_loop_per_worker({**config, "run_dir": str(local)})
     finally:
