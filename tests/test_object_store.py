@@ -256,3 +256,29 @@ def test_dag_reports_the_bucket_cache_status(bucket_run):
     root, cfg, work, _ = bucket_run
     rows = {r["stage"]: r for r in loraflow("dag", str(cfg), *work, "--set", "train.lr=1e-3", cwd=root)}
     assert rows["prepare"]["status"] == "hit" and rows["train"]["status"] == "miss"
+
+
+def test_a_failed_forced_rerun_puts_the_complete_output_back(tmp_path):
+    store = WorkStore.open(str(tmp_path / "work"))
+    with stage_output(store.local_of("evaluate", "fp")) as d:
+        (d / "metrics.json").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.replacing("evaluate", "fp"):
+            assert not store.is_complete("evaluate", "fp")  # set aside while the stage runs
+            raise RuntimeError("boom")
+    assert (store.local_of("evaluate", "fp") / "metrics.json").read_text() == "old"
+    assert [p.name for p in (tmp_path / "work" / "evaluate").iterdir()] == ["fp"]
+
+
+def test_a_forced_rerun_on_the_store_uncommits_the_stage_first(s3):
+    ws = WorkStore.open(s3.uri("forced"))
+    with stage_output(ws.local_of("train", "fp")) as d:
+        (d / "adapter.bin").write_text("old")
+    ws.publish("train", "fp")
+    with ws.replacing("train", "fp"):
+        assert not ws.is_complete("train", "fp")
+        ws.clear_staging("train", "fp")
+        with stage_output(ws.local_of("train", "fp")) as d:
+            (d / "adapter.bin").write_text("new")
+        ws.publish("train", "fp")
+    assert (ws.fetch("train", "fp") / "adapter.bin").read_text() == "new"

@@ -88,6 +88,18 @@ def test_second_run_hits_every_stage_without_starting_ray(first_run, address):
     assert manifest["ray_started"] is False
 
 
+def test_from_evaluate_reruns_a_complete_stage_and_replaces_it(first_run, address):
+    root, cfg, first = first_run
+    manifest = loraflow("run", str(cfg), "--from", "evaluate", address=address, cwd=root)
+    assert statuses(manifest) == ["hit", "hit", "ran", "ran"]
+    assert manifest["stages"]["evaluate"]["fingerprint"] == first["stages"]["evaluate"]["fingerprint"]
+    # Same adapter content: the registry hands back the version it already has, no duplicate.
+    assert manifest["stages"]["register"]["outputs"]["version"] == 1
+    out = root / "work" / "evaluate"
+    assert [d.name for d in out.iterdir()] == [first["stages"]["evaluate"]["fingerprint"]]  # nothing set aside
+    assert (out / first["stages"]["evaluate"]["fingerprint"] / "_SUCCESS").is_file()
+
+
 def test_dag_reports_cache_status_without_running(first_run, address):
     root, cfg, _ = first_run
     proc = subprocess.run([sys.executable, "-m", "workflows.cli", "dag", str(cfg), "--json",

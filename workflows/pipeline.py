@@ -9,6 +9,7 @@ records the store URIs of the outputs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -271,7 +272,9 @@ def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: s
                 if fresh:
                     p.layout.store.clear_staging(st.name, st.fingerprint)
                 t0 = time.time()
-                ctx.outputs[st.name].update(STAGE_BODIES[st.name](ctx, st, fresh))
+                forced = st.status == "forced"
+                with p.layout.store.replacing(st.name, st.fingerprint) if forced else contextlib.nullcontext():
+                    ctx.outputs[st.name].update(STAGE_BODIES[st.name](ctx, st, fresh))
                 manifest["stages"][st.name] = {
                     "fingerprint": st.fingerprint, "status": "ran" if fresh else "hit", "why": st.why,
                     "seconds": round(time.time() - t0, 3),

@@ -16,11 +16,13 @@ Ray Train get the driver's filesystem object, so an endpoint set on the driver a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,6 +240,34 @@ class WorkStore:
         """Before a stage runs: drop a stale local copy (object store only; the store is the truth)."""
         if self.remote:
             shutil.rmtree(self.local_of(*parts), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def replacing(self, *parts: str) -> Iterator[None]:
+        """A forced rerun (`--from STAGE`) of an output that is already complete.
+
+        Local: the complete directory is moved aside while the stage runs, deleted once the new one
+        is committed, and put back if the stage fails, so a failed rerun loses nothing. Object
+        store: the stage is uncommitted first (its `_SUCCESS` deleted; `publish` then replaces the
+        objects); a failed rerun leaves it missing, and the next run rebuilds it.
+        """
+        if self.remote:
+            if self.is_complete(*parts):
+                self.fs.delete_file(self.path_of(*parts, SUCCESS))
+            yield
+            return
+        final = self.local_of(*parts)
+        if not is_complete(final):
+            yield
+            return
+        aside = final.parent / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.rename(final, aside)
+        try:
+            yield
+        except BaseException:
+            if not final.exists():
+                os.rename(aside, final)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
 
     def publish(self, *parts: str) -> None:
         """Commit the stage directory `local_of(*parts)` (already committed locally by `stage_output`)
