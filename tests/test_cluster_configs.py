@@ -24,6 +24,7 @@ import yaml
 
 from workflows.cli import build_parser
 from workflows.config import load_config
+from workflows.job_plan import check_runs_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -250,7 +251,7 @@ def test_command_parses_and_its_config_and_overrides_load(where, argv):
     local = REPO / "configs" / config.name if str(config).startswith("/configs/") else REPO / config
     assert local.is_file(), f"{where}: {config} is not in the repository"
     overrides = getattr(args, "overrides", None) or getattr(args, "set", None) or []
-    load_config(local, overrides)
+    check_runs_dir(load_config(local, overrides))  # run records stay on a path, never s3://
 
 
 def test_dockerfile_copies_only_paths_that_exist():

@@ -50,7 +50,7 @@ def project(tmp_path: Path) -> Path:
 
 
 def write_config(project: Path, raw: dict, name: str = "demo.yaml") -> Path:
-    raw.setdefault("cluster", {"work_dir": "s3://bucket/work", "runs_dir": "s3://bucket/runs"})
+    raw.setdefault("cluster", {"work_dir": "s3://bucket/work", "runs_dir": "/mnt/shared/runs"})
     raw.setdefault("registry", {"root": "/mnt/registry"})
     path = project / "configs" / name
     path.write_text(yaml.safe_dump(raw))
@@ -123,8 +123,17 @@ def test_object_store_and_shared_mount_paths_pass_as_cluster_visible(project, tm
 
 def test_relative_work_dir_is_refused_for_a_remote_cluster(project):
     write_config(project, {"data": {"source": "s3://bucket/train.jsonl", "format": "instruction"},
-                           "cluster": {"work_dir": "work", "runs_dir": "s3://bucket/runs"}})
+                           "cluster": {"work_dir": "work", "runs_dir": "/mnt/shared/runs"}})
     with pytest.raises(UnreachableInputError, match=r"cluster\.work_dir: 'work' is relative"):
+        plan(project / "configs" / "demo.yaml", working_dir=project)
+
+
+@pytest.mark.parametrize("runs_dir", ["s3://bucket/runs", "gs://bucket/runs"])
+def test_an_object_store_runs_dir_is_refused_before_anything_else(project, runs_dir):
+    write_config(project, {"data": {"source": "s3://bucket/train.jsonl", "format": "instruction"},
+                           "cluster": {"work_dir": "s3://bucket/work", "runs_dir": runs_dir}})
+    with pytest.raises(ConfigError, match=rf"cluster\.runs_dir '{runs_dir}': .*must be a path on the cluster, "
+                                          r"e\.g\. a shared volume.*only cluster\.work_dir may be s3://"):
         plan(project / "configs" / "demo.yaml", working_dir=project)
 
 

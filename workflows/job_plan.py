@@ -10,6 +10,9 @@ directory. Each path the config names is therefore sorted before submitting:
 | local input (data, model dir, init adapter) | absolute | shipped with the working dir when it is inside it, not ignored, and the total stays under the ship limit; else refused |
 | local output (`cluster.work_dir`, `cluster.runs_dir`, `registry.root`) | absolute (relative ones against the working dir, as the stages resolve them) | relative: refused (it would land in the job's temporary copy and vanish); absolute or `~`: the cluster's own path |
 
+`cluster.runs_dir` is never a URI: the driver writes run records there with plain file I/O, so an
+`s3://` or `gs://` runs_dir is refused before anything else (only `cluster.work_dir` may be one).
+
 "Absolute" means the job gets the path as this machine resolves it (`--set key=/abs/path` in the
 entrypoint), so a relative path does not silently move into the job's temporary directory. The
 entrypoint also sets `cluster.address=auto`: the driver joins the cluster it runs in.
@@ -26,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.config import PipelineConfig, load_config
+from workflows.config import ConfigError, PipelineConfig, load_config
 
 DEFAULT_SHIP_LIMIT_BYTES = 100 * 2**20
 # Never worth uploading; Ray also honours .gitignore and .rayignore in the working dir.
@@ -72,6 +75,15 @@ def shipped_files(working_dir: Path, excludes: Sequence[str]) -> set[Path]:
     _dir_travel(working_dir, [_get_excludes(working_dir, list(excludes))], collect,
                 include_gitignore=include_gitignore, logger=quiet)
     return files
+
+
+def check_runs_dir(cfg: PipelineConfig) -> None:
+    """Refuse an object-store `cluster.runs_dir` now rather than after the job starts on the cluster."""
+    if is_remote_uri(cfg.cluster.runs_dir):
+        raise ConfigError(f"cluster.runs_dir {cfg.cluster.runs_dir!r}: run records are written with plain file I/O, "
+                          "so runs_dir must be a path on the cluster, e.g. a shared volume "
+                          "(--set cluster.runs_dir=/mnt/shared/loraflow/runs); only cluster.work_dir may be "
+                          "s3:// or gs://")
 
 
 def _expand(path: str) -> list[Path]:
@@ -191,9 +203,11 @@ class _Planner:
             self.notes.append(f"{key}: {value} is on the disk of the node running the driver; keep it on a "
                               "persistent volume there (a pod's own disk does not survive the pod)")
         elif not Path(value).is_absolute():
-            where = ("a persistent disk of the head node, where the driver runs (--set registry.root=/mnt/registry)"
-                     if key == "registry.root" else
-                     f"s3://..., gs://... or a path every node sees (--set {key}=/mnt/shared/...)")
+            where = {"registry.root": "a persistent disk of the head node, where the driver runs "
+                                      "(--set registry.root=/mnt/registry)",
+                     "cluster.runs_dir": "a path on the cluster, e.g. a shared volume "
+                                         "(--set cluster.runs_dir=/mnt/shared/loraflow/runs)",
+                     }.get(key, f"s3://..., gs://... or a path every node sees (--set {key}=/mnt/shared/...)")
             self.problems.append(f"{key}: {value!r} is relative, so on the cluster it would land in the job's "
                                  f"temporary copy of the working directory and be lost; set it to {where}")
 
@@ -206,12 +220,14 @@ def plan_submission(config_path: str | Path, address: str, *, local_cluster: boo
     """Validate the config and sort its paths for a job on `address`; `local_cluster` says whether
     every node of that cluster runs on this machine (`jobs.cluster_on_this_machine` asks it).
 
-    Raises ConfigError for an invalid config and UnreachableInputError listing every path the
-    cluster could not use. Shared mounts also come from $LORAFLOW_SHARED_MOUNTS (os.pathsep list).
+    Raises ConfigError for an invalid config (an object-store runs_dir included) and
+    UnreachableInputError listing every path the cluster could not use. Shared mounts also come
+    from $LORAFLOW_SHARED_MOUNTS (os.pathsep list).
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
     cfg = load_config(config_path, list(overrides))
+    check_runs_dir(cfg)
     config_file = Path(config_path).resolve()
     wd = Path(working_dir or Path.cwd()).resolve()
     if not _under(config_file, [wd]):
