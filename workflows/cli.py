@@ -111,10 +111,13 @@ def cmd_dag(args) -> int:
     from workflows.dag import plan
 
     p = plan(_load(args), force_from=args.from_stage)
+    # Where each output counts: its URI in the store (for a local work dir, the local path), as in
+    # a run manifest; never the local staging copy of an object-store work dir.
     if args.json:
         _emit_json([{"stage": s.name, "fingerprint": s.fingerprint, "status": s.status, "why": s.why,
-                     "dir": str(s.dir)} for s in p.stages])
+                     "dir": s.uri} for s in p.stages])
         return EXIT_OK
+    print(f"work dir: {p.layout.store.uri} (stage outputs in <stage>/<fingerprint>)")
     print(" -> ".join(s.name for s in p.stages))
     print_table([(s.name, s.status, s.fingerprint, s.why) for s in p.stages],
                 header=("stage", "cache", "fingerprint", "why"))
