@@ -18,6 +18,7 @@ Output: one row per (example, model) with the sums from which every aggregate is
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class EvalScorer:
         self.base_loads = 1
         self.collate = collator_for(spec.manifest, "eval")
         self.loaded: str | None = None
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._lora = lora_core
         if spec.adapters:
             self._swap_to(next(iter(spec.adapters)))
@@ -131,9 +133,16 @@ class EvalScorer:
 
     @torch.inference_mode()
     def _score_causal(self, t: dict[str, torch.Tensor], batch: dict[str, np.ndarray], ids: list[str]) -> dict:
-        logits = self.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False).logits
         targets = t["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
+        # Only positions that predict a label need the vocabulary projection (for the demo's
+        # prompts, three quarters of the positions): logits for the last `keep` positions only.
+        scored = mask.any(0).nonzero()
+        first = int(scored[0]) if len(scored) and self._logits_to_keep else 0
+        keep = {"logits_to_keep": t["input_ids"].shape[1] - first} if first else {}
+        logits = self.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False,
+                            **keep).logits
+        targets, mask = targets[:, first:], mask[:, first:]
         shifted = logits[:, :-1].float()
         # Same per-token NLL as training's `causal_token_nll`; summed in float64 so that the
         # aggregate over any number of actors and batches is the same number.

@@ -87,7 +87,9 @@ def _spec(config: PipelineConfig, prepared: Any, adapter_dir: Path, champion_dir
           ids: list[str]) -> ScorerSpec:
     gen = config.eval.generation
     causal = prepared.task == "causal_lm"
-    generate_ids = frozenset(sorted(set(ids))[: gen.num_prompts]) if causal and gen.num_prompts else frozenset()
+    # The first rows of the eval split (in file order, itself ordered by example hash): they arrive
+    # together, so generation runs in few, full batches instead of a few prompts per eval batch.
+    generate_ids = frozenset(ids[: gen.num_prompts]) if causal and gen.num_prompts else frozenset()
     adapters = {NEW: str(adapter_dir), **({CHAMPION: str(champion_dir)} if champion_dir else {})}
     labels = prepared.manifest.get("label_names")
     return ScorerSpec(model_name=config.model.name, task=prepared.task, manifest=prepared.manifest,

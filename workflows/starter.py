@@ -40,7 +40,7 @@ train:
 eval:
   actors: 1                 # Ray Data actor pool size
   generation:
-    num_prompts: 0          # > 0: also generate answers and score exact match
+    num_prompts: 0          # > 0: also generate answers for the first N eval rows and score exact match
 
 registry:
   root: ~/.cache/loraflow/registry
