@@ -282,3 +282,20 @@ def test_a_forced_rerun_on_the_store_uncommits_the_stage_first(s3):
             (d / "adapter.bin").write_text("new")
         ws.publish("train", "fp")
     assert (ws.fetch("train", "fp") / "adapter.bin").read_text() == "new"
+
+
+def test_the_best_tune_trial_is_committed_as_the_train_stage_in_the_bucket(s3, tmp_path):
+    """What `loraflow tune` does after its sweep, without one: the best trial's Ray Train run, kept
+    under the work directory in the bucket, is published there as the best config's train output."""
+    from workflows.tune import commit_best_trial, sweep_storage, trial_run_dir
+
+    p = plan(s3_config(tmp_path, s3.uri("tuned")), input_digest=same_digest)
+    run_dir = trial_run_dir(sweep_storage(p.layout), "abc")
+    assert run_dir == s3.uri("tuned/tune/trials/trial-abc")
+    for rel, data in (("final/adapter/adapter_config.json", b"{}"), ("final/metrics.json", b'{"loss": 1.5}'),
+                      ("metrics.jsonl", b'{"step": 4, "loss": 1.5}\n')):
+        s3.put(f"tuned/tune/trials/trial-abc/{rel}", data)
+    commit_best_trial(p, run_dir)
+    assert plan(s3_config(tmp_path, s3.uri("tuned")), input_digest=same_digest)["train"].status == "hit"
+    result = s3.fs.open_input_stream(f"{BUCKET}/tuned/train/{p['train'].fingerprint}/result.json").read()
+    assert json.loads(result)["run_name"] == "trial-abc"

@@ -7,6 +7,10 @@ train stage reports every `train.eval_every` steps.
 
 The best trial's Ray Train run is committed as the train stage output of the best config, so the
 DAG then sees train as a cache hit and only evaluates and registers it, like any other run.
+
+Everything follows the work directory, as the train stage does: trials read the prepare output
+where it is committed, Tune's state and each trial's Ray Train run live under `<work_dir>/tune`,
+and on an object store the committed train output is published there (`workflows.storage`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workflows import storage
 from workflows.config import PipelineConfig, apply_overrides, config_from_dict
+from workflows.dag import Layout, Plan, plan
 
 _TUNE_RESULT_KEYS = ("eval_loss", "loss", "step", "tokens_per_s")
 
@@ -50,9 +56,27 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def sweep_storage(layout: Layout) -> str:
+    """`<work_dir>/tune`: Tune's state, and each trial's Ray Train run under `trials/` (a URI when the
+    work directory is an object store, like the train stage's `ray_train`)."""
+    return layout.store.uri_of("tune")
+
+
+def trial_run_dir(storage_path: str, trial_id: str) -> str:
+    """Where trial `trial_id` of a sweep stored under `storage_path` keeps its Ray Train run."""
+    return storage.join(storage_path, "trials", _trial_run_name(trial_id))
+
+
+def _trial_run_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"
+
+
 def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str | None, prepared_dir: str,
            storage_path: str) -> None:
-    """One Tune trial = one Ray Train run. Module-level so it pickles by reference."""
+    """One Tune trial = one Ray Train run. Module-level so it pickles by reference.
+
+    `prepared_dir` and `storage_path` (the sweep's `trials/`) are local paths or URIs.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -61,7 +85,7 @@ def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str
 
     base = config_from_dict(config_dict, origin="tune", source_path=source_path)
     cfg = config_with(base, params)
-    run_name = f"trial-{tune.get_context().get_trial_id()}"
+    run_name = _trial_run_name(tune.get_context().get_trial_id())
     trainer = build_trainer(cfg, PreparedData.load(prepared_dir), storage_path, run_name,
                             callbacks=[TuneReportCallback()])
     trainer.fit()
@@ -71,11 +95,13 @@ def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str
 class TuneOutcome:
     best_params: dict[str, Any]
     best_metric: float | None
-    best_run_dir: Path
+    best_run_dir: str  # the best trial's Ray Train run: a local path or a URI
     trials: list[dict[str, Any]]
 
 
-def run_tune(config: PipelineConfig, prepared_dir: Path, storage_path: Path, name: str) -> TuneOutcome:
+def run_tune(config: PipelineConfig, prepared_dir: str, storage_path: str, name: str) -> TuneOutcome:
+    """Sweep `config.tune` over the prepared data at `prepared_dir`, keeping Tune's state and the
+    trials' Ray Train runs under `storage_path` (local paths or URIs)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -87,8 +113,8 @@ def run_tune(config: PipelineConfig, prepared_dir: Path, storage_path: Path, nam
                  if tc.asha else FIFOScheduler())
     trainable = tune.with_resources(
         tune.with_parameters(_trial, config_dict=config.model_dump(mode="json", exclude={"tune"}),
-                             source_path=config.source_path, prepared_dir=str(prepared_dir),
-                             storage_path=str(storage_path / "trials")),
+                             source_path=config.source_path, prepared_dir=prepared_dir,
+                             storage_path=storage.join(storage_path, "trials")),
         # Next to nothing: the trial only drives its trainer, whose workers (and Ray Data) need the
         # CPUs. Tune refuses an empty request, hence a token fraction rather than 0.
         {"CPU": 0.01})
@@ -97,7 +123,7 @@ def run_tune(config: PipelineConfig, prepared_dir: Path, storage_path: Path, nam
         trainable, param_space=space,
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, num_samples=1 if has_grid else tc.num_trials,
                                     max_concurrent_trials=tc.max_concurrent, scheduler=scheduler),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage_path)))
+        run_config=tune.RunConfig(name=name, **_tune_storage(storage_path)))
     grid = tuner.fit()
     trials = []
     for result in grid:
@@ -108,8 +134,28 @@ def run_tune(config: PipelineConfig, prepared_dir: Path, storage_path: Path, nam
     best = grid.get_best_result(metric=tc.metric, mode=tc.mode, scope="all")
     params = {k: best.config[k] for k in tc.search_space}
     best_metric = best.metrics.get(tc.metric) if best.metrics else None
-    run_dir = storage_path / "trials" / f"trial-{best.metrics['trial_id']}"
-    return TuneOutcome(params, best_metric, run_dir, trials)
+    return TuneOutcome(params, best_metric, trial_run_dir(storage_path, best.metrics["trial_id"]), trials)
+
+
+def _tune_storage(storage_path: str) -> dict[str, Any]:
+    """`RunConfig` storage arguments: a local path, or for a URI the driver's pyarrow filesystem
+    (its endpoint settings then apply on every node, as for the train stage's Ray Train runs)."""
+    if not storage.is_uri(storage_path):
+        return {"storage_path": storage_path}
+    fs, path = storage.resolve(storage_path)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def commit_best_trial(p: Plan, run_dir: str) -> None:
+    """Commit a finished trial's Ray Train run (`run_dir`) as plan `p`'s train stage output, the way
+    the train stage body does: into the local stage directory, then published to the work
+    directory's store (for a local work directory that directory is the output; publish does nothing)."""
+    from workflows.train import commit_run
+
+    st, store = p["train"], p.layout.store
+    store.clear_staging(st.name, st.fingerprint)
+    commit_run(st.dir, run_dir)
+    store.publish(st.name, st.fingerprint)
 
 
 def tune_then_run(config: PipelineConfig, log=print) -> dict[str, Any]:
@@ -117,20 +163,18 @@ def tune_then_run(config: PipelineConfig, log=print) -> dict[str, Any]:
     the DAG on the best config: train is a hit, evaluate and register run."""
     import ray
 
-    from workflows.dag import plan
     from workflows.pipeline import run_pipeline, start_ray
-    from workflows.train import commit_run
 
     started = start_ray(config, log)
     try:
         run_pipeline(config, until="prepare", log=log)
         p = plan(config)
-        outcome = run_tune(config, p["prepare"].dir, p.layout.work / "tune",
+        outcome = run_tune(config, p["prepare"].uri, sweep_storage(p.layout),
                            name=f"tune-{p['prepare'].fingerprint}")
         best_config = config_with(config, outcome.best_params)
         best_plan = plan(best_config)
         if best_plan["train"].status != "hit":
-            commit_run(best_plan["train"].dir, outcome.best_run_dir)
+            commit_best_trial(best_plan, outcome.best_run_dir)
         manifest = run_pipeline(best_config, log=log)
     finally:
         if started:
