@@ -141,6 +141,17 @@ def test_bfloat16_base():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_auto_dtype_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, want in [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                   (False, False, torch.float32)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        model, _ = models.load_base("tiny-llama", dtype="auto")
+        assert {p.dtype for p in model.parameters()} == {want}
+    assert models.resolve_dtype("float32") == "float32"  # explicit dtypes are never second-guessed
+
+
 def test_uncached_hub_id_offline_says_so():
     with pytest.raises(models.ModelNotAvailableError, match="OFFLINE.*not in the local Hugging Face cache"):
         models.load_tokenizer("loraflow-tests/no-such-model")

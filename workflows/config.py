@@ -25,8 +25,9 @@ class ModelSection(Section):
     # an HF model id, or a local directory.
     name: str = "smollm2-135m"
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
-    # Weights dtype of the frozen base; adapters are always kept in fp32.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Weights dtype of the frozen base; adapters are always kept in fp32. "auto": bfloat16 where
+    # the hardware does bf16 matmuls natively (bf16 GPUs; CPUs with AVX512-BF16 or AMX), else float32.
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     revision: str | None = None
 
 

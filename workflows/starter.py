@@ -8,7 +8,7 @@ version: 1
 model:
   name: smollm2-135m        # built-in alias, an HF model id, or a local folder
   task: causal_lm           # causal_lm | seq_cls (classification)
-  dtype: float32            # weights of the frozen base: float32 | bfloat16 (adapters stay fp32)
+  dtype: float32            # frozen base weights: float32 | bfloat16 | auto (bf16 where native; adapters stay fp32)
 
 data:
   source: data/train.jsonl  # file, glob, folder, s3://..., or hf:<save_to_disk folder>; relative to this file
