@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .ops import adapter_input, lora_down, lora_up
+from .ops import lora_down, lora_up
 from .siblings import SiblingGroup
 from .targets import Conv1D
 
@@ -86,8 +86,7 @@ class LoraLinear(nn.Module):
         if self.siblings is not None:
             h = self.siblings.down(self, x)                                              # (T, r)
         else:
-            h = lora_down(adapter_input(x, self.lora_A.weight.dtype), self.lora_A.weight,
-                          self.dropout, self.training)
+            h = lora_down(x, self.lora_A.weight, self.dropout, self.training)
         out = lora_up(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling)
         return out.view(*x.shape[:-1], self.out_features)
 

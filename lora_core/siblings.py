@@ -1,8 +1,8 @@
 """Sibling LoRA layers (q/k/v, gate/up) that the model calls on the same input tensor.
 
 The first sibling called computes `dropout(x) @ cat(A_q, A_k, A_v).T` once and the others take
-their slice: one thin matmul instead of three, one dropout mask instead of three, one saved copy
-of the dropped input instead of three. **The siblings therefore share one dropout mask** (PEFT
+their slice: one thin matmul instead of three, one dropout draw instead of three, one record of
+the drops kept for backward instead of three. **The siblings therefore share one dropout mask** (PEFT
 draws one per module): each module's branch still sees standard dropout; only the masks of q/k/v
 (or gate/up) are no longer independent of each other. Gradients are exact for the computation
 performed.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .ops import adapter_input, lora_down
+from .ops import lora_down
 
 
 def _version(x: torch.Tensor) -> int:
@@ -54,8 +54,7 @@ class SiblingGroup:
                     self._pending = None
                 return slices[index]
         weight = torch.cat([m.lora_A.weight for m in self.members])  # (k * r, in)
-        x2d = adapter_input(x, weight.dtype)
-        slices = lora_down(x2d, weight, member.dropout, member.training).split(member.r, dim=1)
+        slices = lora_down(x, weight, member.dropout, member.training).split(member.r, dim=1)
         self._pending = (weakref.ref(x), _version(x), slices, set(range(len(self.members))) - {index})
         return slices[index]
 

@@ -213,19 +213,24 @@ def test_dropout_gradients_are_exact_for_the_mask_drawn():
     out = layer.base_layer(x_ref) + 2.0 * (dropped @ a.t() @ b.t())
     out.square().sum().backward()
     for got, want in zip(ours, (x_ref.grad, a.grad, b.grad)):
-        torch.testing.assert_close(got, want)
+        # the reference scales x, lora_core scales h: equal up to rounding of the largest terms
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
-def test_dropout_keeps_no_mask_for_backward_and_leaves_the_random_stream_alone():
+def test_dropout_keeps_x_and_the_drop_positions_not_a_mask_and_leaves_the_random_stream_alone():
     layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.3).train()
     randomize_b(layer)
-    x = torch.randn(5, 12, requires_grad=True)
+    x = torch.randn(50, 12, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = layer(x)
-    assert not [t for t in saved if t.dtype == torch.bool]
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # x itself, not a dropped copy
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and not [t for t in saved if t.dtype == torch.bool]
+    positions = [t for t in saved if t.dtype == torch.int32]
+    assert len(positions) == 1 and positions[0].numel() < 0.5 * x.numel()
     state = torch.get_rng_state()
-    out.sum().backward()  # redraws the forward's mask from its saved generator state
+    out.sum().backward()
     assert torch.equal(torch.get_rng_state(), state)
 
 
