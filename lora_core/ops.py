@@ -72,7 +72,9 @@ def _drop_positions(n: int, p: float, generator: torch.Generator | None, batch: 
         if end < count:
             break
         start = int(positions[-1]) + 1
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    if len(chunks) == 1:
+        return chunks[0]
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.int64)
 
 
 def zero_drops_(t: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:

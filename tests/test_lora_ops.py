@@ -154,3 +154,30 @@ def test_keeping_the_factors_changes_no_gradient_bit(monkeypatch):
     without = run()
     for name in with_factors:
         assert torch.equal(with_factors[name], without[name]), name
+
+
+def test_lora_down_keeps_a_bf16_input_in_bf16_and_computes_in_fp32():
+    x = torch.randn(7, 9).bfloat16().requires_grad_(True)
+    weight = torch.randn(4, 9, requires_grad=True)
+    saved = []
+    torch.manual_seed(6)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h = _LoraDown.apply(x, weight, 0.3, torch.float32)
+    assert h.dtype == torch.float32 and not [t for t in saved if t.dtype == torch.float32 and t.numel() == x.numel()]
+    g = torch.randn(7, 4)
+    got = (h, *torch.autograd.grad(h, (x, weight), g))
+    torch.manual_seed(6)
+    keep, scale = keep_mask(x.shape, 0.3, x.device)
+    h = F.linear(x.float() * keep * scale, weight)
+    want = (h, *torch.autograd.grad(h, (x, weight), g))
+    for ours, ref in zip(got, want):
+        assert ours.dtype == ref.dtype
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_dropout_on_an_empty_batch_draws_nothing_and_trains_nothing():
+    x = torch.randn(0, 5, requires_grad=True)
+    weight = torch.randn(2, 5, requires_grad=True)
+    h = lora_down(x, weight, 0.1, training=True)
+    h.sum().backward()
+    assert h.shape == (0, 2) and torch.equal(weight.grad, torch.zeros(2, 5))
