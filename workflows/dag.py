@@ -53,6 +53,16 @@ def _local(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def check_runs_dir(config: PipelineConfig) -> None:
+    """Run records are written with plain file I/O: `cluster.runs_dir` is never an object store.
+    Checked by every run and, before a job is submitted, by `loraflow submit`."""
+    if is_uri(config.cluster.runs_dir):
+        raise ConfigError(f"cluster.runs_dir {config.cluster.runs_dir!r}: run records are written with plain file "
+                          "I/O, so runs_dir must be a path on the cluster, e.g. a shared volume "
+                          "(--set cluster.runs_dir=/mnt/shared/loraflow/runs); only cluster.work_dir may be "
+                          "s3:// or gs://")
+
+
 @dataclass
 class Layout:
     """Where a config's artifacts live. Local paths are relative to the working directory.
@@ -68,9 +78,7 @@ class Layout:
 
     @classmethod
     def of(cls, config: PipelineConfig) -> Layout:
-        if is_uri(config.cluster.runs_dir):
-            raise ConfigError(f"cluster.runs_dir {config.cluster.runs_dir!r}: run records are written to a local "
-                              "path (only cluster.work_dir may be an object store URI)")
+        check_runs_dir(config)
         store = WorkStore.open(config.cluster.work_dir)
         return cls(work=store.local, runs=_local(config.cluster.runs_dir), store=store)
 

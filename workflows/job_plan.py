@@ -29,7 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workflows.config import ConfigError, PipelineConfig, load_config
+from workflows.config import PipelineConfig, load_config
+from workflows.dag import check_runs_dir
 
 DEFAULT_SHIP_LIMIT_BYTES = 100 * 2**20
 # Never worth uploading; Ray also honours .gitignore and .rayignore in the working dir.
@@ -75,15 +76,6 @@ def shipped_files(working_dir: Path, excludes: Sequence[str]) -> set[Path]:
     _dir_travel(working_dir, [_get_excludes(working_dir, list(excludes))], collect,
                 include_gitignore=include_gitignore, logger=quiet)
     return files
-
-
-def check_runs_dir(cfg: PipelineConfig) -> None:
-    """Refuse an object-store `cluster.runs_dir` now rather than after the job starts on the cluster."""
-    if is_remote_uri(cfg.cluster.runs_dir):
-        raise ConfigError(f"cluster.runs_dir {cfg.cluster.runs_dir!r}: run records are written with plain file I/O, "
-                          "so runs_dir must be a path on the cluster, e.g. a shared volume "
-                          "(--set cluster.runs_dir=/mnt/shared/loraflow/runs); only cluster.work_dir may be "
-                          "s3:// or gs://")
 
 
 def _expand(path: str) -> list[Path]:
