@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .ops import lora_down, lora_up
+from .ops import lora_forward
 from .siblings import SiblingGroup
 from .targets import Conv1D
 
@@ -82,19 +82,11 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        out = self._base_2d(x.reshape(-1, self.in_features))                            # (T, out)
         if self.siblings is not None:
-            h = self.siblings.down(self, x)                                              # (T, r)
+            out = self.siblings.forward(self, x)                                         # (T, out)
         else:
-            h = lora_down(x, self.lora_A.weight, self.dropout, self.training)
-        out = lora_up(out, h, self.lora_B.weight, self.lora_B.bias, self.scaling)
+            out = lora_forward(x, [self])[0]
         return out.view(*x.shape[:-1], self.out_features)
-
-    def _base_2d(self, x2d: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        if self.fan_in_fan_out:
-            return torch.addmm(base.bias, x2d, base.weight)
-        return torch.nn.functional.linear(x2d, base.weight, base.bias)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""lora_core.ops: the sparse dropout draw and the two custom autograd functions of the LoRA branch."""
+"""lora_core.ops: the sparse dropout draw and the LoRA group op (one layer or siblings on one input)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_lora_layers import ALL_PROJ, randomize_b, tiny_llama
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lora_core import LoraConfig, adapter_parameters, apply_lora, ops
 from lora_core.inject import lora_layers
-from lora_core.ops import _drop_positions, _LoraDown, _LoraUp, keep_mask, lora_down, product_factors
+from lora_core.layers import LoraLinear
+from lora_core.ops import _drop_positions, _LoraGroup, keep_mask, lora_forward, product_factors
 
 
 def test_drop_positions_are_sorted_distinct_and_in_range_at_rate_p():
@@ -49,58 +52,83 @@ def test_keep_mask_reproduces_the_draw_from_the_same_generator_state():
     assert scale == 1 / 0.7
 
 
-def _down(p: float, seed: int = 0):
-    """_LoraDown with the same drops on every call (gradcheck calls it many times)."""
-    def f(x, weight, *factors):
+def _layers(outs=(4, 3), ranks=(2, 3), transposed=False, lora_bias=True, p=0.0, dtype=torch.float64):
+    """LoRA layers on one input width (5), every tensor trainable and B non-zero, for the group op."""
+    torch.manual_seed(0)
+    layers = []
+    for out, r in zip(outs, ranks):
+        base = Conv1D(out, 5) if transposed else nn.Linear(5, out)
+        layer = LoraLinear(base, r=r, alpha=3.0, dropout=p, lora_bias=lora_bias).to(dtype)
+        randomize_b(layer)
+        layers.append(layer.requires_grad_(True))
+    return layers
+
+
+def _group_fn(layers, p: float, seed: int = 0):
+    """(f, tensors): f(x, *tensors) is every layer's output via _LoraGroup, with the same drops on
+    every call (gradcheck calls it many times)."""
+    tensors = [t for layer in layers for t in (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.weight,
+                                               layer.lora_B.weight, layer.lora_B.bias)]
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    plan = ops._Plan(p, torch.float64, tuple((la.scaling, la.fan_in_fan_out, la.r) for la in layers), 0)
+
+    def f(x, *args, factors=()):
+        full = list(tensors)
+        for i, t in zip(present, args):
+            full[i] = t
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return _LoraDown.apply(x, weight, p, x.dtype, *factors)
-    return f
+            return _LoraGroup.apply(x, plan._replace(n_factors=len(factors)), *full, *factors)
+    return f, [tensors[i] for i in present]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_down_gradcheck(p):
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("members", [1, 3])
+def test_group_gradcheck(p, transposed, members):
+    """Every input's gradient, the base weight's and bias's included, for one layer or three siblings
+    of different widths and ranks, Linear or Conv1D, with and without dropout."""
+    layers = _layers(outs=(4, 3, 2)[:members], ranks=(2, 3, 1)[:members], transposed=transposed, p=p)
+    f, tensors = _group_fn(layers, p)
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_down(p), (x, weight))
+    assert torch.autograd.gradcheck(f, (x, *tensors))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lora_down_gradcheck_keeping_the_factors_of_its_input(p):
+def test_group_gradcheck_keeping_the_factors_of_its_input(p):
+    f, tensors = _group_fn(_layers(p=p), p)
     a = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
 
-    def f(a, b, weight):
-        return _down(p)(a * b, weight, a.detach(), b.detach())
-    assert torch.autograd.gradcheck(f, (a, b, weight))
+    def g(a, b, *tensors):
+        return f(a * b, *tensors, factors=(a.detach(), b.detach()))
+    assert torch.autograd.gradcheck(g, (a, b, *tensors))
 
 
-def test_lora_down_is_the_dropout_formula_with_the_mask_reproduced():
-    x = torch.randn(7, 9, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(7, 4, dtype=torch.float64)
+def test_group_is_the_lora_formula_with_one_mask_reproduced():
+    layers = _layers(outs=(4, 3), ranks=(2, 3), p=0.4)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    grads = [torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)]
+    params = [t for layer in layers for t in (layer.lora_A.weight, layer.lora_B.weight, layer.lora_B.bias)]
     torch.manual_seed(5)
-    h = _LoraDown.apply(x, weight, 0.4, torch.float64)
-    got = (h, *torch.autograd.grad(h, (x, weight), g))
+    outs = lora_forward(x, layers)
+    got = (*outs, *torch.autograd.grad(outs, (x, *params), grads))
     torch.manual_seed(5)
-    keep, scale = keep_mask(x.shape, 0.4, x.device)
-    h = F.linear(x * keep * scale, weight)
-    want = (h, *torch.autograd.grad(h, (x, weight), g))
-    for ours, ref in zip(got, want):
+    keep, scale = keep_mask(x.shape, 0.4, x.device)  # one mask for both siblings
+    outs = [F.linear(x, la.base_layer.weight, la.base_layer.bias)
+            + la.scaling * (F.linear(F.linear(x * keep * scale, la.lora_A.weight), la.lora_B.weight) + la.lora_B.bias)
+            for la in layers]
+    want = (*outs, *torch.autograd.grad(outs, (x, *params), grads))
+    for ours, ref in zip(got, want, strict=True):
         torch.testing.assert_close(ours, ref)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_lora_up_gradcheck(bias):
-    out = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    h = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
-
-    def f(out, h, weight, *b):
-        return _LoraUp.apply(out.clone(), h, weight, b[0] if b else None, 1.7)  # clone: it works in place
-    assert torch.autograd.gradcheck(f, (out, h, weight, *([b] if bias else [])))
+def test_siblings_outputs_come_from_one_autograd_node():
+    """x's gradient is formed once for the group, not summed by autograd from one node per layer."""
+    layers = _layers(outs=(4, 3, 2), ranks=(2, 2, 2), p=0.1, dtype=torch.float32)
+    x = torch.randn(6, 5, requires_grad=True)
+    outs = lora_forward(x, layers)
+    assert len({o.grad_fn for o in outs}) == 1 and type(outs[0].grad_fn).__name__ == "_LoraGroupBackward"
 
 
 def test_product_factors_are_the_tensors_autograd_keeps_for_the_product():
@@ -121,17 +149,17 @@ def test_no_product_factors_unless_autograd_keeps_both():
         assert product_factors(up * up) == ()
 
 
-def test_lora_down_does_not_keep_a_product_input_alive():
-    a, b = torch.randn(8, 6, requires_grad=True), torch.randn(8, 6, requires_grad=True)
-    weight = torch.randn(2, 6, requires_grad=True)
+def test_a_group_does_not_keep_a_product_input_alive():
+    layers = _layers(p=0.2, dtype=torch.float32)
+    a, b = torch.randn(8, 5, requires_grad=True), torch.randn(8, 5, requires_grad=True)
     x = a * b
     alive = weakref.ref(x)
-    h = lora_down(x, weight, 0.2, training=True)
+    outs = lora_forward(x, layers)
     del x
     gc.collect()
     assert alive() is None
-    h.sum().backward()
-    assert a.grad is not None and weight.grad is not None
+    sum(o.sum() for o in outs).backward()
+    assert a.grad is not None and all(la.lora_A.weight.grad is not None for la in layers)
 
 
 def test_keeping_the_factors_changes_no_gradient_bit(monkeypatch):
@@ -156,28 +184,50 @@ def test_keeping_the_factors_changes_no_gradient_bit(monkeypatch):
         assert torch.equal(with_factors[name], without[name]), name
 
 
-def test_lora_down_keeps_a_bf16_input_in_bf16_and_computes_in_fp32():
-    x = torch.randn(7, 9).bfloat16().requires_grad_(True)
-    weight = torch.randn(4, 9, requires_grad=True)
+def test_a_bf16_base_keeps_its_input_in_bf16_and_computes_the_branch_in_fp32():
+    layer = _layers(outs=(4,), ranks=(3,), p=0.3, dtype=torch.float32)[0]
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(7, 5).bfloat16().requires_grad_(True)
     saved = []
     torch.manual_seed(6)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        h = _LoraDown.apply(x, weight, 0.3, torch.float32)
-    assert h.dtype == torch.float32 and not [t for t in saved if t.dtype == torch.float32 and t.numel() == x.numel()]
-    g = torch.randn(7, 4)
-    got = (h, *torch.autograd.grad(h, (x, weight), g))
+        out = lora_forward(x, [layer])[0]
+    assert out.dtype == torch.bfloat16
+    assert not [t for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()]  # no fp32 copy of x
+    g = torch.randn(7, 4).bfloat16()
+    params = (layer.lora_A.weight, layer.lora_B.weight)
+    got = (out, *torch.autograd.grad(out, (x, *params), g))
     torch.manual_seed(6)
     keep, scale = keep_mask(x.shape, 0.3, x.device)
-    h = F.linear(x.float() * keep * scale, weight)
-    want = (h, *torch.autograd.grad(h, (x, weight), g))
-    for ours, ref in zip(got, want):
+    base = F.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+    lora = F.linear(F.linear(x.float() * keep * scale, params[0]), params[1]) + layer.lora_B.bias
+    out = (base.float() + layer.scaling * lora).bfloat16()  # summed in fp32, rounded once
+    want = (out, *torch.autograd.grad(out, (x, *params), g))
+    for ours, ref in zip(got, want, strict=True):
         assert ours.dtype == ref.dtype
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
+
+
+def test_under_autocast_the_branch_runs_in_autocast_dtype_and_trains():
+    layers = _layers(outs=(4, 3), ranks=(2, 2), p=0.2, dtype=torch.float32)
+    x = torch.randn(6, 5, requires_grad=True)
+    torch.manual_seed(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = lora_forward(x, layers)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    sum(o.float().sum() for o in outs).backward()
+    torch.manual_seed(7)
+    keep, scale = keep_mask(x.shape, 0.2, x.device)
+    for out, la in zip(outs, layers):
+        assert la.lora_A.weight.grad is not None and la.lora_B.weight.grad.abs().sum() > 0
+        want = (F.linear(x, la.base_layer.weight, la.base_layer.bias)
+                + la.scaling * (F.linear(F.linear(x * keep * scale, la.lora_A.weight), la.lora_B.weight) + la.lora_B.bias))
+        torch.testing.assert_close(out.float(), want.detach(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
 
 
 def test_dropout_on_an_empty_batch_draws_nothing_and_trains_nothing():
+    layer = _layers(outs=(2,), ranks=(2,), p=0.1, dtype=torch.float32)[0]
     x = torch.randn(0, 5, requires_grad=True)
-    weight = torch.randn(2, 5, requires_grad=True)
-    h = lora_down(x, weight, 0.1, training=True)
-    h.sum().backward()
-    assert h.shape == (0, 2) and torch.equal(weight.grad, torch.zeros(2, 5))
+    out = lora_forward(x, [layer])[0]
+    out.sum().backward()
+    assert out.shape == (0, 2) and torch.equal(layer.lora_A.weight.grad, torch.zeros(2, 5))
