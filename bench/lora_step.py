@@ -1,11 +1,14 @@
 """LoRA training-step benchmark (not a timed test): lora_core vs PEFT vs full fine-tuning.
 
-    .venv/bin/python -m bench.lora_step [--seqs 128 256] [--rounds 3] [--threads 2] [--clock wall] [--write]
+    .venv/bin/python -m bench.lora_step [--seqs 128 256] [--rounds 3] [--threads 2] [--clock wall]
+        [--variants lora_core peft full lora_core_bf16 frozen] [--write]
 
 SmolLM2-135M, the same weights and the same batch (4 x seq tokens of GSM8K text) for every
 variant; steps are interleaved round-robin in one process so machine drift hits all alike, and
 the median step (forward + backward + AdamW step) is reported. LoRA: r=8, alpha=16, dropout 0.05
-on the seven projections. MFU counts 4N FLOPs per token for LoRA (forward + input gradients) and
+on the seven projections. `frozen` is the floor every LoRA step shares: the same model with no
+adapter and no optimizer, backpropagating to its input embeddings (a little more than LoRA needs:
+layer 0's input gradient). MFU counts 4N FLOPs per token for LoRA (forward + input gradients) and
 6N for full fine-tuning, N = 134.5M (lm_head matmul included), against a matmul peak measured in
 the same run (fp32 [512,576]x[576,576], and bf16 for the bf16-base variant). Peak RSS is measured
 per variant in a fresh subprocess (`--rss-child`) so peaks do not mix. Writes
@@ -29,8 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "lora_step.md"
 DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("lora_core", "peft", "full", "lora_core_bf16")
+VARIANTS = ("lora_core", "peft", "full", "lora_core_bf16", "frozen")
+DEFAULT_VARIANTS = ("lora_core", "peft", "full", "lora_core_bf16")
 BATCH = 4
+NOTES = "<!-- notes: kept by --write -->"
 
 
 def gsm8k_batch(tokenizer, seq: int) -> torch.Tensor:
@@ -49,6 +54,10 @@ def build(variant: str, base: torch.nn.Module):
     """(model, optimizer) for one variant, on a private copy of `base`."""
     model = copy.deepcopy(base)
     model.config.use_cache = False
+    if variant == "frozen":  # no adapter, no optimizer, backpropagation to the input embeddings
+        model.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        return model.train(), _NoOptimizer()
     if variant == "full":
         model.requires_grad_(True)
         params = list(model.parameters())
@@ -64,6 +73,14 @@ def build(variant: str, base: torch.nn.Module):
         lora_core.apply_lora(model, lora_core.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
         params = list(lora_core.adapter_parameters(model).values())
     return model.train(), torch.optim.AdamW(params, lr=1e-5)
+
+
+class _NoOptimizer:
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
 
 
 # wall: what a user waits. cpu: process CPU time, robust to other load on a shared machine with
@@ -128,12 +145,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per variant and sequence length")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
+                        help="full and peft are always included (the ratios' denominators); frozen is opt-in: "
+                             "a fifth resident model changes the other variants' page-fault costs")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(REPO)}")
     parser.add_argument("--rss-child", nargs=2, metavar=("VARIANT", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.clock == "thread" and args.threads != 1:
         parser.error("--clock thread measures one thread: use it with --threads 1")
+    variants = tuple(v for v in VARIANTS if v in {*args.variants, "peft", "full"})
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     clock = CLOCKS[args.clock]
@@ -144,33 +165,41 @@ def main() -> None:
     base, tokenizer = load_base("smollm2-135m")
     n_params = sum(p.numel() for p in base.parameters())  # tied embeddings once: the lm_head matmul
     peaks = {d: matmul_peak(d, clock) for d in (torch.float32, torch.bfloat16)}
-    models = {v: build(v, base) for v in VARIANTS}
+    models = {v: build(v, base) for v in variants}
     times: dict[tuple[str, int], list[float]] = {}
     for seq in args.seqs:
         ids = gsm8k_batch(tokenizer, seq)
-        for variant in VARIANTS:  # warm-up: allocator, thread pools, first-call paths
+        for variant in variants:  # warm-up: allocator, thread pools, first-call paths
             train_step(*models[variant], ids, clock)
         for r in range(args.rounds):
-            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
             for variant in order:
                 times.setdefault((variant, seq), []).append(train_step(*models[variant], ids, clock))
                 print(f"seq {seq} round {r} {variant}: {times[variant, seq][-1]:.2f} s", flush=True)
     peaks_after = {d: matmul_peak(d, clock) for d in (torch.float32, torch.bfloat16)}
     del models
-    rss = {} if args.no_rss else {(v, s): measure_rss(v, s, args.threads) for s in args.seqs for v in VARIANTS}
-    report = render(args, n_params, peaks, peaks_after, times, rss)
+    rss = {} if args.no_rss else {(v, s): measure_rss(v, s, args.threads) for s in args.seqs for v in variants}
+    report = render(args, variants, n_params, peaks, peaks_after, times, rss)
     print(report)
     if args.write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(report)
+        write_results(report, RESULTS)
 
 
-def render(args, n_params, peaks, peaks_after, times, rss) -> str:
+def write_results(report: str, path: Path) -> None:
+    """Replace the generated tables in `path`, keeping the hand-written notes below NOTES."""
+    old = path.read_text() if path.exists() else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report + "\n" + (old[old.index(NOTES):] if NOTES in old else NOTES + "\n"))
+
+
+def render(args, variants, n_params, peaks, peaks_after, times, rss) -> str:
     peak = {d: max(peaks[d], peaks_after[d]) for d in peaks}
     lines = [
         "# LoRA training step: lora_core vs PEFT vs full fine-tuning", "",
         f"`.venv/bin/python -m bench.lora_step --seqs {' '.join(map(str, args.seqs))} --rounds {args.rounds} "
-        f"--threads {args.threads} --clock {args.clock} --write`", "",
+        f"--threads {args.threads} --clock {args.clock}"
+        + (f" --variants {' '.join(args.variants)}" if tuple(args.variants) != DEFAULT_VARIANTS else "")
+        + " --write`", "",
         f"SmolLM2-135M (N = {n_params / 1e6:.1f}M), batch {BATCH} x seq of GSM8K text, AdamW; LoRA r=8 alpha=16 "
         f"dropout 0.05 on {', '.join(TARGETS)}. torch {torch.__version__}, {args.threads} threads. Median of "
         f"{args.rounds} interleaved steps after one warm-up step, {args.clock} clock. Matmul peak (fp32 / bf16, GFLOP/s, start - end "
@@ -181,8 +210,8 @@ def render(args, n_params, peaks, peaks_after, times, rss) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for seq in args.seqs:
-        med = {v: statistics.median(times[v, seq]) for v in VARIANTS}
-        for v in VARIANTS:
+        med = {v: statistics.median(times[v, seq]) for v in variants}
+        for v in variants:
             tokens_s = BATCH * seq / med[v]
             flops = (6 if v == "full" else 4) * n_params * tokens_s
             mfu = flops / (peak[torch.bfloat16 if v.endswith("bf16") else torch.float32] * 1e9)
