@@ -1,4 +1,5 @@
-"""Fault tolerance: a worker SIGKILLed mid-run, and a simulated node lost from a 3-node cluster.
+"""Fault tolerance: a worker SIGKILLed mid-run, and a simulated node lost from a 3-node cluster
+whose head has no CPUs, as cluster/kuberay's (the data is prepared in that cluster too).
 
 Both wait until Ray Train has *registered* a checkpoint (it is in checkpoint_manager_snapshot.json;
 a checkpoint directory merely uploaded is not enough) and then kill, so the run must resume from
@@ -133,24 +134,28 @@ def test_losing_the_node_of_a_worker_restarts_the_group_on_another_node(
         ray_session, shared_data, session_tmp, tmp_path):
     prepared = prepared_gsm8k(shared_data, session_tmp)  # prepared once, in the session's cluster
     out = tmp_path / "outcome.json"
-    proc = subprocess.run([sys.executable, __file__, str(prepared.root), str(tmp_path), str(out)],
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path), str(out)],
                           capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     outcome = json.loads(out.read_text())
 
+    # prepare ran on the CPU-less head's cluster (its writes are pinned to the driver's node, the head)
+    # and gave the very rows the session's cluster gave
+    assert outcome["rows_digest"] == prepared.manifest["rows_digest"]
     assert outcome["removed_node_had_worker"]
     assert outcome["nodes_alive_after"] == 3  # the head and the two remaining workers' nodes
     assert outcome["metrics"]["steps"] == FAULT_TRAIN["max_steps"]
     assert outcome["metrics"]["resumed_from_step"] >= outcome["checkpoint_step"] > 0
 
 
-def _multinode_main(prepared_root: Path, work: Path, out: Path) -> None:
-    """A head without CPUs and three 1-CPU nodes; remove the node of a train worker mid-run."""
+def _multinode_main(work: Path, out: Path) -> None:
+    """A head without CPUs (as cluster/kuberay's) and three 1-CPU nodes: prepare the data there, then
+    train and remove the node of a train worker mid-run."""
     import ray
     from ray.cluster_utils import Cluster
 
-    from workflows.prepare import PreparedData
+    from workflows.prepare import run_prepare
 
     shared_data = Path(os.environ.get("LORAFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -160,7 +165,7 @@ def _multinode_main(prepared_root: Path, work: Path, out: Path) -> None:
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         ray.data.DataContext.get_current().enable_progress_bars = False
-        prepared = PreparedData.load(prepared_root)
+        prepared = run_prepare(gsm8k_config(shared_data), work / "prepared")
         # Half a CPU per worker leaves a CPU free after the loss: Ray must re-run the read task of
         # the data blocks that lived in the lost node's object store, and that task needs a CPU.
         config = gsm8k_config(shared_data, **FAULT_TRAIN, cpus_per_worker=0.5)
@@ -174,7 +179,8 @@ def _multinode_main(prepared_root: Path, work: Path, out: Path) -> None:
         if "error" in outcome:
             raise outcome["error"]
         out.write_text(json.dumps({
-            "removed_node_had_worker": victim is not None, "checkpoint_step": checkpoint_step,
+            "rows_digest": prepared.manifest["rows_digest"], "removed_node_had_worker": victim is not None,
+            "checkpoint_step": checkpoint_step,
             "nodes_alive_after": sum(1 for n in ray.nodes() if n["Alive"]),
             "metrics": outcome["result"].metrics}))
     finally:
@@ -183,4 +189,4 @@ def _multinode_main(prepared_root: Path, work: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    _multinode_main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    _multinode_main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -140,7 +140,10 @@ def _write_shards(config: PipelineConfig, files: dict[str, list[tuple[str, str]]
         ds = ds.map_batches(MarkDuplicates, batch_format="pyarrow", batch_size=None,
                             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     writer = TokenizedShardWriter(root, task, packed, data.max_seq_len)
-    ds.write_datasink(writer)
+    # The writes are pinned to the driver's node (the stage directory is local there). A cluster's
+    # head usually offers no CPUs (cluster/kuberay: num-cpus "0") and a job's driver runs on the
+    # head, so the write tasks must not reserve one: Ray would refuse to schedule them there.
+    ds.write_datasink(writer, ray_remote_args={"num_cpus": 0})
     return writer.results
 
 
