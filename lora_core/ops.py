@@ -137,14 +137,8 @@ def _dropped(x: torch.Tensor, drops: torch.Tensor | None, dtype: torch.dtype, ow
 
 
 class _LoraGroup(torch.autograd.Function):
-    """Every output of the LoRA layers that read one input x (one layer, or siblings such as q/k/v):
-
-        h     = dropout(x) @ cat(A_1 .. A_k).T / (1 - p)                one matmul, one mask
-        out_i = base_i(x) + scaling_i * (h_i @ B_i.T + b_L_i)            base product, then in place
-
-    One node for the whole group, so backward forms x's gradient in one buffer: the LoRA part
-    `zero_drops(grad_h @ A)` first, then each base product `g_i @ W_i` accumulated into it by the
-    matmul itself (no autograd sums of k + 1 separate (T, in) gradients).
+    """Every output of the LoRA layers that read one input x (one layer, or siblings such as
+    q/k/v), as the module docstring defines them, in one autograd node.
 
     Keeps for backward x itself, or the factors of x = a * b (`product_factors`), h (T, k * r), and
     the drops: on CPU their positions as int32 (p * 4 bytes per element of x), elsewhere the
