@@ -9,7 +9,8 @@ Gradients are exact for the computation performed.
 
 Siblings are recognised by the input tensor's identity (and its in-place version counter), never
 assumed: a sibling called on another tensor than the one its group computed for (cross-attention
-k/v, or an input changed in place) computes its own output alone, and the next call of a sibling
+k/v, or an input changed in place) computes its own output alone (the group's output for it is
+then wasted work: one base matmul per such call), and the next call of a sibling
 that has already collected starts a new round. The plan depends only on the order and inputs of
 the calls, so non-reentrant gradient checkpointing recomputes exactly what the forward did
 (checkpoint restores the RNG state, hence the same mask), and every A receives a gradient (DDP).

@@ -48,8 +48,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 # Children of one parent that the model's forward calls on the *same* input tensor. Targeted
-# siblings share one dropout mask and one fused A matmul (see `siblings.py`); if a model calls them
-# on different tensors after all (cross-attention k/v), they silently fall back to separate work.
+# siblings share one dropout mask, one fused A matmul and one autograd node (see `siblings.py`); if a
+# model calls them on different tensors after all (cross-attention k/v), they fall back to separate
+# work, and the first sibling's call has computed their outputs on its own input for nothing.
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
     frozenset({"q_proj", "k_proj", "v_proj"}),   # Llama, Mistral, Qwen, OPT, ...
     frozenset({"gate_proj", "up_proj"}),         # gated MLPs
