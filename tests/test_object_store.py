@@ -53,11 +53,15 @@ class S3:
     def record(self, action: str) -> None:
         urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}", method="POST"))
 
-    def recorded_keys(self) -> list[str]:
-        """Object keys of the recorded write requests (PUT and POST: multipart uploads), in order."""
+    def recorded_writes(self) -> list[tuple[str, str, str]]:
+        """(method, object key, query) of the recorded write requests (PUT and POST: multipart
+        uploads), in order."""
         entries = [json.loads(line) for line in self.recording.read_text().splitlines() if line.strip()]
-        return [e["url"].split(f"/{BUCKET}/", 1)[1].split("?")[0] for e in entries
-                if e["method"] in ("PUT", "POST") and f"/{BUCKET}/" in e["url"]]
+        return [(e["method"], *e["url"].split(f"/{BUCKET}/", 1)[1].partition("?")[::2])
+                for e in entries if e["method"] in ("PUT", "POST") and f"/{BUCKET}/" in e["url"]]
+
+    def recorded_keys(self) -> list[str]:
+        return [key for _, key, _ in self.recorded_writes()]
 
 
 def _free_port() -> int:
@@ -212,12 +216,20 @@ def bucket_run(tmp_path_factory, s3):
     # No dashboard and no generation: seconds saved on a small machine, nothing this module checks.
     work = ["--set", f"cluster.work_dir={s3.uri('work')}", "--set", "cluster.dashboard=false",
             "--set", "eval.generation.num_prompts=0"]
-    first = loraflow("run", str(cfg), *work, cwd=root)
-    return root, cfg, work, first
+    s3.record("reset-recording")
+    s3.record("start-recording")
+    try:
+        first = loraflow("run", str(cfg), *work, cwd=root)
+    finally:
+        s3.record("stop-recording")
+    run_name = first["stages"]["train"]["outputs"]["run_name"]
+    metrics_writes = [(method, query) for method, key, query in s3.recorded_writes()
+                      if key == f"work/ray_train/{run_name}/metrics.jsonl"]
+    return root, cfg, work, first, metrics_writes
 
 
 def test_every_stage_output_is_committed_in_the_bucket(bucket_run, s3):
-    _, _, _, manifest = bucket_run
+    _, _, _, manifest, _ = bucket_run
     assert statuses(manifest) == ["ran"] * 4
     for stage, must_hold in (("prepare", "manifest.json"), ("train", "adapter/adapter_config.json"),
                              ("evaluate", "metrics.json"), ("register", "register.json")):
@@ -229,7 +241,7 @@ def test_every_stage_output_is_committed_in_the_bucket(bucket_run, s3):
 
 
 def test_ray_train_checkpoints_live_under_the_work_dir_in_the_bucket(bucket_run, s3):
-    _, _, _, manifest = bucket_run
+    _, _, _, manifest, _ = bucket_run
     run_name = manifest["stages"]["train"]["outputs"]["run_name"]
     keys = s3.keys(f"work/ray_train/{run_name}")
     assert any("/checkpoint_" in k for k in keys)
@@ -237,8 +249,15 @@ def test_ray_train_checkpoints_live_under_the_work_dir_in_the_bucket(bucket_run,
     assert f"work/ray_train/{run_name}/final/adapter/adapter_model.safetensors" in keys
 
 
+def test_rank_0_publishes_the_metrics_log_at_every_checkpoint_not_only_at_the_end(bucket_run):
+    *_, metrics_writes = bucket_run  # 4 steps, checkpointed every 2
+    uploads = [q for method, q in metrics_writes if (method, q) == ("POST", "uploads")  # multipart
+               or method == "PUT" and "partNumber=" not in q]                           # single PUT
+    assert len(uploads) == 3  # after the checkpoints at steps 2 and 4, and when rank 0 stopped
+
+
 def test_the_run_registered_a_version_in_the_local_registry(bucket_run):
-    root, _, _, manifest = bucket_run
+    root, _, _, manifest, _ = bucket_run
     reg = manifest["stages"]["register"]["outputs"]
     assert reg["version"] == 1 and reg["decision"]["promote"] is True
     assert (root / "registry" / "adapters" / "e2e" / "1" / "adapter_config.json").is_file()
@@ -246,14 +265,14 @@ def test_the_run_registered_a_version_in_the_local_registry(bucket_run):
 
 
 def test_second_run_is_all_cache_hits_without_starting_ray(bucket_run):
-    root, cfg, work, _ = bucket_run
+    root, cfg, work, _, _ = bucket_run
     manifest = loraflow("run", str(cfg), *work, cwd=root)
     assert statuses(manifest) == ["hit"] * 4
     assert manifest["ray_started"] is False
 
 
 def test_dag_reports_the_bucket_cache_status(bucket_run):
-    root, cfg, work, _ = bucket_run
+    root, cfg, work, _, _ = bucket_run
     rows = {r["stage"]: r for r in loraflow("dag", str(cfg), *work, "--set", "train.lr=1e-3", cwd=root)}
     assert rows["prepare"]["status"] == "hit" and rows["train"]["status"] == "miss"
 

@@ -296,10 +296,11 @@ def train_loop_to_store(config: dict[str, Any]) -> dict[str, Any]:
     """The worker function when Ray Train's storage is an object store.
 
     `train_loop_per_worker` writes `metrics.jsonl` and `final/` to its run directory with plain
-    file I/O, so it gets a node-local folder, and rank 0 copies both to the run directory in the
-    store whenever it stops (finished, failed or interrupted). A worker group restarted on another
-    node first takes the metrics logged so far back from the store. Checkpoints go through Ray
-    Train, which writes them to the store itself.
+    file I/O, so it gets a node-local folder. Rank 0 publishes `metrics.jsonl` to the run directory
+    in the store after every checkpoint and whenever it stops (finished, failed or interrupted), and
+    `final/` when the run finished. A worker group restarted on another node first takes the metrics
+    logged so far back from the store (with a lost node: up to its last checkpoint, the point the
+    run resumes from). Checkpoints go through Ray Train, which writes them to the store itself.
     """
     import ray.train
 
@@ -311,11 +312,14 @@ def train_loop_to_store(config: dict[str, Any]) -> dict[str, Any]:
     log = local / "metrics.jsonl"
     if not log.exists() and (logged := storage.read_from(fs, f"{remote}/metrics.jsonl")) is not None:
         log.write_bytes(logged)
-    try:
-        return train_loop_per_worker({**config, "run_dir": str(local)})
-    finally:
+    def publish_metrics() -> None:
         if log.exists():
             storage.upload_file(log, fs, f"{remote}/metrics.jsonl")
+
+    try:
+        return train_loop_per_worker({**config, "run_dir": str(local), "on_checkpoint": publish_metrics})
+    finally:
+        publish_metrics()
         if (local / "final").is_dir():  # the run finished: the store now holds all of it
             fs.delete_dir_contents(f"{remote}/final", missing_dir_ok=True)
             storage.upload_dir(local / "final", fs, f"{remote}/final")

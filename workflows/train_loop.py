@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ from workflows.train_checkpoint import (
 
 @dataclass
 class WorkerConfig:
-    """What the driver hands every worker (JSON-able: it travels through Ray)."""
+    """What the driver hands every worker (it travels through Ray)."""
 
     model: dict[str, Any]  # config.model section
     lora: dict[str, Any]  # config.lora section
@@ -75,6 +75,7 @@ class WorkerConfig:
     lineage: dict[str, Any] | None = None  # loraflow.json extras (data digest, config, ...)
     has_eval: bool = False
     stop_after_step: int | None = None  # tests/benchmarks: simulate an interruption after this step
+    on_checkpoint: Callable[[], None] | None = None  # rank 0, after each reported checkpoint
 
 
 class StopTraining(RuntimeError):
@@ -293,6 +294,8 @@ class _Loop:
                 save_checkpoint(Path(tmp), self.model, self.optimizer, self.scheduler, state)
                 checkpoint = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if self.rank == 0 and self.cfg.on_checkpoint is not None:
+            self.cfg.on_checkpoint()
 
     def _metrics(self, state: TrainState, grad_norm: float | None, do_eval: bool) -> dict[str, Any]:
         window = self._window.clone()
