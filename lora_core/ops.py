@@ -124,7 +124,6 @@ def _default_generator(device: torch.device) -> torch.Generator | None:
     return None
 
 
-
 def _dropped(x: torch.Tensor, drops: torch.Tensor | None, dtype: torch.dtype, owned: bool = False) -> torch.Tensor:
     """dropout(x) without the scale, in `dtype`: x itself when nothing drops and the dtype agrees,
     otherwise a new contiguous tensor (or x changed in place when the caller `owned` it)."""
@@ -133,7 +132,6 @@ def _dropped(x: torch.Tensor, drops: torch.Tensor | None, dtype: torch.dtype, ow
     if not (owned and x.dtype == dtype and x.is_contiguous()):
         x = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format).copy_(x)
     return zero_drops_(x, drops)
-
 
 
 class _LoraGroup(torch.autograd.Function):
@@ -295,6 +293,8 @@ def lora_forward(x: torch.Tensor, layers: Sequence) -> tuple[torch.Tensor, ...]:
 
 
 def _autocast_outputs(x2d, plan: _Plan, branches) -> tuple[torch.Tensor, ...]:
+    """`_group_outputs` as out-of-place ops: autocast casts only what an op's inputs are, so the
+    in-place fp32 addmm_ onto a bf16 base output would not run there; autograd keeps the rest."""
     dropped = x2d
     if plan.p > 0:
         drops = draw_drops(x2d.shape, plan.p, x2d.device)

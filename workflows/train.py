@@ -312,6 +312,7 @@ def train_loop_to_store(config: dict[str, Any]) -> dict[str, Any]:
     log = local / "metrics.jsonl"
     if not log.exists() and (logged := storage.read_from(fs, f"{remote}/metrics.jsonl")) is not None:
         log.write_bytes(logged)
+
     def publish_metrics() -> None:
         if log.exists():
             storage.upload_file(log, fs, f"{remote}/metrics.jsonl")
