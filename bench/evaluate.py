@@ -70,7 +70,7 @@ def make_adapter(path: Path) -> Path:
 @torch.inference_mode()
 def score(model, batch: dict[str, torch.Tensor]) -> float:
     """The eval actor's work on one batch; returns the summed NLL so nothing is optimised away."""
-    from workflows.batching import causal_token_nll
+    from workflows.collate import causal_token_nll
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     nll, mask = causal_token_nll(logits, batch["labels"])
@@ -82,7 +82,7 @@ def part1(args, adapter: Path, rows: list[dict]) -> list[tuple[str, float]]:
     import peft
 
     from lora_core import load_adapter, merge_adapter, unmerge_adapter
-    from workflows.batching import CausalCollator
+    from workflows.collate import CausalCollator
     from workflows.models import load_base
 
     base, tok = load_base("smollm2-135m")
@@ -125,9 +125,9 @@ def part2(args, adapter: Path, rows: list[dict], workdir: Path) -> list[tuple[in
     import ray
 
     from workflows.config import config_from_dict
-    from workflows.evaluate import run_evaluate
+    from workflows.evaluate.stage import run_evaluate
     from workflows.models import load_tokenizer
-    from workflows.prepare import PreparedData
+    from workflows.prepared import PreparedData
 
     tok = load_tokenizer("smollm2-135m")
     root = workdir / "prepared"

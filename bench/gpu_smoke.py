@@ -29,8 +29,8 @@ def main() -> None:
     import ray
 
     from workflows.config import config_from_dict
-    from workflows.prepare import run_prepare
-    from workflows.train import run_train
+    from workflows.prepare.stage import run_prepare
+    from workflows.train.stage import run_train
 
     gpu = not args.cpu
     steps = args.steps or (40 if gpu else 4)

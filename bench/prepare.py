@@ -77,8 +77,8 @@ _ENCODER = None
 def _hf_encode(batch: dict) -> dict:
     """The same render + tokenize + mask as loraflow's actors, one encoder per HF worker."""
     global _ENCODER
-    from workflows.formats import ExampleEncoder, canonical_example
     from workflows.models import load_tokenizer
+    from workflows.prepare.formats import ExampleEncoder, canonical_example
 
     if _ENCODER is None:
         _ENCODER = ExampleEncoder(load_tokenizer("smollm2-135m"), "chat", 512)
@@ -100,7 +100,7 @@ def run_hf(path: Path, cache: Path) -> dict:
 
 def run_loraflow(path: Path, out: Path, actors: int) -> dict:
     from workflows.config import config_from_dict
-    from workflows.prepare import run_prepare
+    from workflows.prepare.stage import run_prepare
 
     cfg = config_from_dict({"model": {"name": "smollm2-135m"},
                             "data": {"source": str(path), "format": "chat", "max_seq_len": 512,

@@ -30,10 +30,10 @@ def full_finetune_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
     import torch
 
-    from workflows.ddp_comm import CommStats, count_broadcasts, register_counting_hook, tensor_bytes
     from workflows.models import load_base
-    from workflows.train_checkpoint import TrainState
-    from workflows.train_loop import WorkerConfig, _Loop, lr_lambda
+    from workflows.train.checkpoint import TrainState
+    from workflows.train.ddp_comm import CommStats, count_broadcasts, register_counting_hook, tensor_bytes
+    from workflows.train.worker import WorkerConfig, _Loop, lr_lambda
 
     cfg = WorkerConfig(**config)
     ctx = ray.train.get_context()
@@ -61,8 +61,8 @@ def run_full_finetune(config, prepared, total_steps: int, storage: Path, name: s
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from workflows.train import train_datasets
-    from workflows.train_loop import WorkerConfig
+    from workflows.train.stage import train_datasets
+    from workflows.train.worker import WorkerConfig
 
     tc = config.train
     worker = WorkerConfig(model=config.section("model"), lora=config.section("lora"), train=config.section("train"),
@@ -114,8 +114,8 @@ def main() -> None:
     import ray
 
     from workflows.config import config_from_dict
-    from workflows.prepare import run_prepare
-    from workflows.train import run_train
+    from workflows.prepare.stage import run_prepare
+    from workflows.train.stage import run_train
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.registry import Registry
+from workflows.registry.sqlite import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data"))

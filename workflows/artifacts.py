@@ -21,6 +21,11 @@ from typing import Any
 SUCCESS = "_SUCCESS"
 
 
+def cache_root() -> Path:
+    """`$LORAFLOW_CACHE`, default `~/.cache/loraflow`."""
+    return Path(os.environ.get("LORAFLOW_CACHE", "~/.cache/loraflow")).expanduser()
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

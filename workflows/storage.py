@@ -31,9 +31,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from workflows.artifacts import SUCCESS, atomic_write_json, atomic_write_text, is_complete
+from workflows.artifacts import SUCCESS, atomic_write_json, atomic_write_text, cache_root, is_complete
 from workflows.config import ConfigError
-from workflows.models import cache_root
 
 _CHUNK = 8 << 20
 _UPLOAD_THREADS = 8

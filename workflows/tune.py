@@ -80,8 +80,8 @@ def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.prepare import PreparedData
-    from workflows.train import build_trainer
+    from workflows.prepared import PreparedData
+    from workflows.train.stage import build_trainer
 
     base = config_from_dict(config_dict, origin="tune", source_path=source_path)
     cfg = config_with(base, params)
@@ -150,7 +150,7 @@ def commit_best_trial(p: Plan, run_dir: str) -> None:
     """Commit a finished trial's Ray Train run (`run_dir`) as plan `p`'s train stage output, the way
     the train stage body does: into the local stage directory, then published to the work
     directory's store (for a local work directory that directory is the output; publish does nothing)."""
-    from workflows.train import commit_run
+    from workflows.train.stage import commit_run
 
     st, store = p["train"], p.layout.store
     store.clear_staging(st.name, st.fingerprint)

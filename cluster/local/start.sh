@@ -7,4 +7,4 @@ set -eu
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
-exec "$PYTHON" -m workflows.private_head start "$@"
+exec "$PYTHON" -m workflows.ops.local_cluster start "$@"

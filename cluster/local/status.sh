@@ -6,4 +6,4 @@ set -eu
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
-exec "$PYTHON" -m workflows.private_head status "$@"
+exec "$PYTHON" -m workflows.ops.local_cluster status "$@"

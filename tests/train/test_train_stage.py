@@ -1,0 +1,165 @@
+"""The train stage on a real local Ray cluster: 2 DDP workers over gloo, tiny Llama, GSM8K shards.
+
+One module-scoped training run feeds every test that only reads its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_support import gsm8k_config, prepared_gsm8k, read_jsonl
+
+import lora_core
+from workflows.artifacts import is_complete
+from workflows.models import load_base
+from workflows.train.checkpoint import tensors_digest
+from workflows.train.stage import ClusterTooSmallError, PreparedDataError, run_train
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, shared_data, session_tmp):
+    return prepared_gsm8k(shared_data, session_tmp)
+
+
+@pytest.fixture(scope="module")
+def run(prepared, shared_data, tmp_path_factory):
+    """8 steps of 2 workers x 2 rows x 2 micro-batches; checkpoints and eval every 4 steps.
+
+    Also the uninterrupted reference of the resume test (same config, same seed)."""
+    work = tmp_path_factory.mktemp("train")
+    config = gsm8k_config(shared_data)
+    result = run_train(config, prepared, work / "stage", storage_path=work / "ray_train", run_name="ref-a0")
+    return {"config": config, "result": result, "work": work, "metrics": result.metrics}
+
+
+def test_allreduce_carries_exactly_the_adapter_bytes_and_under_5_percent_of_the_base(run):
+    m = run["metrics"]
+    assert m["allreduce_bytes_per_step_distinct"] == [m["adapter_param_bytes"]]  # every step, no more
+    assert m["allreduce_bytes_per_step"] == m["adapter_param_bytes"]
+    assert m["allreduce_bytes_per_step"] < 0.05 * m["base_param_bytes"]
+
+
+def test_startup_broadcast_is_no_larger_than_the_adapter(run):
+    m = run["metrics"]
+    assert 0 < m["broadcast_bytes"] <= m["adapter_param_bytes"]
+
+
+def test_adapter_is_identical_on_both_ranks_and_is_what_was_saved(run):
+    per_rank = run["metrics"]["adapter_sha256_per_rank"]
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1]
+    # The saved file under PEFT names must hold the same tensors: compare through lora_core's loader.
+    model, _ = load_base("tiny-llama")
+    lora_core.load_adapter(model, run["result"].adapter_dir)
+    assert tensors_digest(lora_core.adapter_parameters(model)) == per_rank[0]
+
+
+def test_base_weights_are_bitwise_unchanged_by_training(run):
+    m = run["metrics"]
+    assert m["base_sha256_before_per_rank"] == m["base_sha256_after_per_rank"]
+    # ... and equal to a fresh base built in this process: training never touched a base weight.
+    model, _ = load_base("tiny-llama")
+    lora_core.apply_lora(model, lora_core.LoraConfig(**run["config"].section("lora")))
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert tensors_digest(frozen) == m["base_sha256_after_per_rank"][0]
+
+
+def test_training_moves_lora_b_away_from_zero(run):
+    tensors = load_file(str(run["result"].adapter_dir / "adapter_model.safetensors"))
+    lora_b = [t for k, t in tensors.items() if k.endswith("lora_B.weight")]
+    assert lora_b and all(t.abs().max() > 0 for t in lora_b)
+
+
+def test_stage_directory_holds_adapter_lineage_metrics_and_result(run, prepared):
+    stage = run["result"].out_dir
+    assert is_complete(stage)
+    assert {"adapter_config.json", "adapter_model.safetensors", "loraflow.json"} <= {
+        p.name for p in (stage / "adapter").iterdir()}
+    lineage = json.loads((stage / "adapter" / "loraflow.json").read_text())
+    assert lineage["base_model"]["name"] == "tiny-llama"
+    assert lineage["prepared"]["rows_digest"] == prepared.manifest["rows_digest"]
+    assert lineage["config"]["lora"]["r"] == 4
+    assert lineage["metrics"]["steps"] == 8
+    result = json.loads((stage / "result.json").read_text())
+    assert result["run_name"] == "ref-a0" and result["metrics"]["steps"] == 8
+    for key in ("train_loss", "eval_loss", "allreduce_bytes_per_step", "adapter_param_bytes",
+                "base_param_bytes", "broadcast_bytes", "steps", "tokens_per_s"):
+        assert key in result["metrics"], key
+
+
+def test_metrics_are_logged_every_log_every_steps(run):
+    records = read_jsonl(run["result"].out_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [4, 8]
+    assert all(r["allreduce_bytes_per_step"] == run["metrics"]["adapter_param_bytes"] for r in records)
+    assert all(math.isfinite(r["eval_loss"]) and r["lr"] >= 0 and r["tokens_per_s"] > 0 for r in records)
+
+
+def test_resumed_run_continues_from_its_checkpoint_and_matches_the_uninterrupted_one(run, prepared, shared_data):
+    """Stop after step 4 (a checkpoint), start again under the same run name: Ray Train hands the
+    workers that checkpoint, they skip the 4 x 2 micro-batches already consumed and finish.
+
+    Tolerance: bitwise equality is expected (same data order, per-step reseeded dropout, restored
+    fp32 AdamW state, deterministic gloo sums of two ranks); 1e-6 absolute leaves room only for a
+    reduction order that a different kernel choice could change, never for a skipped or repeated batch
+    (which moves the adapter by ~1e-3 at lr 1e-3).
+    """
+    from ray.train import TrainingFailedError
+
+    work, config = run["work"], gsm8k_config(shared_data)
+    with pytest.raises(TrainingFailedError, match="stop_after_step"):
+        run_train(config, prepared, work / "stage-resumed", storage_path=work / "ray_train",
+                  run_name="resume-a0", stop_after_step=4)
+    assert not (work / "stage-resumed").exists()  # nothing committed by the interrupted attempt
+    resumed = run_train(config, prepared, work / "stage-resumed", storage_path=work / "ray_train",
+                        run_name="resume-a0")
+
+    assert resumed.metrics["resumed_from_step"] == 4 and resumed.metrics["steps"] == 8
+    a = load_file(str(run["result"].adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+
+
+def test_more_workers_than_the_cluster_can_place_fails_fast_naming_the_setting(prepared, shared_data, tmp_path):
+    config = gsm8k_config(shared_data, num_workers=8)
+    with pytest.raises(ClusterTooSmallError, match=r"8 workers x 1 CPU = 8 CPUs but the cluster has 4.*num_workers"):
+        run_train(config, prepared, tmp_path / "stage", storage_path=tmp_path / "ray_train", run_name="big-a0")
+    assert not (tmp_path / "stage").exists() and not (tmp_path / "ray_train").exists()
+
+
+def test_data_tokenized_for_another_model_is_refused_naming_the_manifest_field(prepared, shared_data, tmp_path):
+    config = gsm8k_config(shared_data, model="tiny-bert")  # MiniLM's tokenizer, not SmolLM2's
+    with pytest.raises(PreparedDataError, match=r"manifest field 'tokenizer.fingerprint'"):
+        run_train(config, prepared, tmp_path / "stage", storage_path=tmp_path / "ray_train", run_name="x-a0")
+
+
+def test_data_prepared_for_another_task_is_refused_naming_the_manifest_field(prepared, shared_data, tmp_path):
+    config = gsm8k_config(shared_data, model="tiny-bert")
+    config.model.task = "seq_cls"
+    with pytest.raises(PreparedDataError, match=r"manifest field 'task' is 'causal_lm'"):
+        run_train(config, prepared, tmp_path / "stage", storage_path=tmp_path / "ray_train", run_name="x-a0")
+
+
+def test_a_missing_prepared_dataset_is_refused(ray_session, shared_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no _SUCCESS marker"):
+        run_train(gsm8k_config(shared_data), tmp_path / "never-prepared", tmp_path / "stage",
+                  storage_path=tmp_path / "ray_train", run_name="x-a0")
+
+
+def test_smollm2_short_two_worker_run_on_gsm8k_lowers_the_eval_loss(prepared, shared_data, tmp_path):
+    """The real model on the real data: 8 steps of 2 workers x 2 rows of up to 128 tokens.
+
+    Same tokenizer as tiny-llama, so the session's prepared shards serve. Eval is the same 8 held-out
+    GSM8K rows before and after; the format alone (answer layout, `####`) is learned in these steps.
+    Measured here: 2.05 before, 1.67 after these 8 steps (a drop of 0.39; 16 steps reached 1.44), so
+    the asserted drop of 0.1 keeps a margin of ~4x.
+    """
+    config = gsm8k_config(shared_data, model="smollm2-135m", batch_size=2, grad_accum=1, max_steps=8,
+                          lr=2e-3, log_every=8, checkpoint_every=None, eval_every=None, eval_batches=2)
+    m = run_train(config, prepared, tmp_path / "stage", storage_path=tmp_path / "ray_train",
+                  run_name="smollm2-a0").metrics
+    assert m["eval_loss"] < m["eval_loss_initial"] - 0.1, (m["eval_loss_initial"], m["eval_loss"])
