@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .fused import SiblingGroup
 from .layers import LoraLinear, ModulesToSave
-from .siblings import SiblingGroup
 from .targets import (
     LINEAR_TYPES,
     SEQ_CLS_HEAD_NAMES,

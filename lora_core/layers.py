@@ -10,6 +10,9 @@ kaiming-uniform(a=sqrt(5)) (or gaussian std 1/r) and B is zero, so a fresh adapt
 A and B stay fp32 whatever the base dtype; the branch's input is cast to fp32 and the sum is
 rounded once to the base output's dtype. `Conv1D` stores its weight as (in, out): A and B keep
 their usual shapes and only `delta_weight` (merging) transposes.
+
+`forward` is that formula. Where `fused.applies` (on the CPU, outside autocast, unless switched
+off) the same function is computed by `fused.py`'s fast path instead.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .ops import lora_forward
-from .siblings import SiblingGroup
+from . import fused
 from .targets import Conv1D
 
 
@@ -38,9 +40,9 @@ class AdapterModule(Protocol):
 class LoraLinear(nn.Module):
     """A frozen linear layer plus a low-rank update. Never merges implicitly: see `merge`.
 
-    While the adapter is active the base product is computed here from `base_layer.weight` and
-    `.bias` (so the LoRA update can be added in place), hence forward hooks on `base_layer` itself
-    do not run; hooks on this module do. Input (..., in) -> output (..., out).
+    Input (..., in) -> output (..., out). The fast path computes the base product itself from
+    `base_layer.weight` and `.bias` (to add the LoRA update in place), so forward hooks on
+    `base_layer` run only on the reference path; hooks on this module always run.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
@@ -58,11 +60,13 @@ class LoraLinear(nn.Module):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         device = base_layer.weight.device
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=lora_bias, device=device, dtype=torch.float32)
         self.merged = False
         self.disabled = False
-        self.siblings: SiblingGroup | None = None  # set by apply_lora for q/k/v-like layers
+        self.fast_path = True  # this layer may take fused.py's path (see fused.set_enabled)
+        self.siblings: fused.SiblingGroup | None = None  # set by apply_lora for q/k/v-like layers
         self.reset_lora_parameters(init)
 
     @torch.no_grad()
@@ -82,11 +86,11 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        if self.siblings is not None:
-            out = self.siblings.forward(self, x)                                         # (T, out)
-        else:
-            out = lora_forward(x, [self])[0]
-        return out.view(*x.shape[:-1], self.out_features)
+        if fused.applies(self, x):  # the same formula, computed faster on the CPU: fused.py
+            return fused.forward(self, x)
+        result = self.base_layer(x)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return (result + self.scaling * delta).to(result.dtype)  # a bf16 base: summed in fp32, rounded once
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -47,9 +47,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
 
-# Children of one parent that the model's forward calls on the *same* input tensor. Targeted
-# siblings share one dropout mask, one fused A matmul and one autograd node (see `siblings.py`); if a
-# model calls them on different tensors after all (cross-attention k/v), they fall back to separate
+# Children of one parent that the model's forward calls on the *same* input tensor. On the fast path
+# targeted siblings share one dropout mask, one fused A matmul and one autograd node (`fused.py`); if
+# a model calls them on different tensors after all (cross-attention k/v), they fall back to separate
 # work, and the first sibling's call has computed their outputs on its own input for nothing.
 SIBLING_NAMES: tuple[frozenset[str], ...] = (
     frozenset({"q_proj", "k_proj", "v_proj"}),   # Llama, Mistral, Qwen, OPT, ...

@@ -1,4 +1,5 @@
-"""lora_core.ops: the sparse dropout draw and the LoRA group op (one layer or siblings on one input)."""
+"""lora_core.fused, the fast path: the sparse dropout draw, the LoRA group op (one layer or siblings on
+one input) and sibling groups. Its equality with the reference forward: test_lora_fused_vs_reference.py."""
 
 from __future__ import annotations
 
@@ -9,19 +10,26 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from test_lora_layers import ALL_PROJ, randomize_b, tiny_llama
+from test_lora_layers import ALL_PROJ, linear, llama_with_lora, loss_and_grads, randomize_b, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_core import LoraConfig, adapter_parameters, apply_lora, ops
+from lora_core import LoraConfig, adapter_parameters, apply_lora, fused, use_fused
+from lora_core.fused import SiblingGroup, _LoraGroup, drop_positions, keep_mask, lora_forward, product_factors
 from lora_core.inject import lora_layers
 from lora_core.layers import LoraLinear
-from lora_core.ops import _drop_positions, _LoraGroup, keep_mask, lora_forward, product_factors
+
+
+@pytest.fixture(autouse=True)
+def fast_path_on():
+    """Every test here is about the fast path: on, whatever LORAFLOW_FUSED_LORA says."""
+    with use_fused(True):
+        yield
 
 
 def test_drop_positions_are_sorted_distinct_and_in_range_at_rate_p():
     n, p = 200_000, 0.05
-    positions = _drop_positions(n, p, torch.Generator().manual_seed(0))
+    positions = drop_positions(n, p, torch.Generator().manual_seed(0))
     assert positions.dtype == torch.int64
     assert bool((positions[1:] > positions[:-1]).all()) and positions[0] >= 0 and positions[-1] < n
     assert abs(positions.numel() / n - p) < 4 * math.sqrt(p * (1 - p) / n)
@@ -29,7 +37,7 @@ def test_drop_positions_are_sorted_distinct_and_in_range_at_rate_p():
 
 def test_gaps_between_drops_are_geometric():
     p = 0.2
-    positions = _drop_positions(400_000, p, torch.Generator().manual_seed(1))
+    positions = drop_positions(400_000, p, torch.Generator().manual_seed(1))
     gaps = torch.diff(positions) - 1  # kept elements between two drops
     for k in (0, 1, 3, 8):  # P(gap >= k) = (1 - p)^k
         assert abs((gaps >= k).double().mean().item() - (1 - p) ** k) < 0.005
@@ -37,7 +45,7 @@ def test_gaps_between_drops_are_geometric():
 
 def test_drops_are_drawn_again_until_the_whole_tensor_is_covered():
     n, p = 50_000, 0.1
-    positions = _drop_positions(n, p, torch.Generator().manual_seed(2), batch=7)  # ~700 draws of 7 gaps
+    positions = drop_positions(n, p, torch.Generator().manual_seed(2), batch=7)  # ~700 draws of 7 gaps
     assert bool((positions[1:] > positions[:-1]).all()) and positions[-1] < n
     assert positions[-1] > n - 100  # drops reach the end, not just the first batch
     assert abs(positions.numel() / n - p) < 4 * math.sqrt(p * (1 - p) / n)
@@ -45,9 +53,9 @@ def test_drops_are_drawn_again_until_the_whole_tensor_is_covered():
 
 def test_keep_mask_reproduces_the_draw_from_the_same_generator_state():
     torch.manual_seed(3)
-    keep, scale = keep_mask(torch.Size([40, 50]), 0.3, torch.device("cpu"))
+    keep, scale = keep_mask(torch.Size([40, 50]), 0.3)
     torch.manual_seed(3)
-    positions = _drop_positions(2000, 0.3, None)
+    positions = drop_positions(2000, 0.3, None)
     assert torch.equal(~keep.view(-1), torch.zeros(2000, dtype=torch.bool).index_fill_(0, positions, True))
     assert scale == 1 / 0.7
 
@@ -70,7 +78,7 @@ def _group_fn(layers, p: float, seed: int = 0):
     tensors = [t for layer in layers for t in (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.weight,
                                                layer.lora_B.weight, layer.lora_B.bias)]
     present = [i for i, t in enumerate(tensors) if t is not None]
-    plan = ops._Plan(p, torch.float64, tuple((la.scaling, la.fan_in_fan_out, la.r) for la in layers), 0)
+    plan = fused._Plan(p, torch.float64, tuple((la.scaling, la.fan_in_fan_out, la.r) for la in layers), 0)
 
     def f(x, *args, factors=()):
         full = list(tensors)
@@ -114,7 +122,7 @@ def test_group_is_the_lora_formula_with_one_mask_reproduced():
     outs = lora_forward(x, layers)
     got = (*outs, *torch.autograd.grad(outs, (x, *params), grads))
     torch.manual_seed(5)
-    keep, scale = keep_mask(x.shape, 0.4, x.device)  # one mask for both siblings
+    keep, scale = keep_mask(x.shape, 0.4)  # one mask for both siblings
     outs = [F.linear(x, la.base_layer.weight, la.base_layer.bias)
             + la.scaling * (F.linear(F.linear(x * keep * scale, la.lora_A.weight), la.lora_B.weight) + la.lora_B.bias)
             for la in layers]
@@ -175,10 +183,10 @@ def test_keeping_the_factors_changes_no_gradient_bit(monkeypatch):
         return {n: p.grad for n, p in adapter_parameters(model).items()}
 
     found = []
-    monkeypatch.setattr(ops, "product_factors", lambda x: found.append(product_factors(x)) or found[-1])
+    monkeypatch.setattr(fused, "product_factors", lambda x: found.append(product_factors(x)) or found[-1])
     with_factors = run()
     assert sum(len(f) == 2 for f in found) == 2  # down_proj of both layers kept act(gate) and up
-    monkeypatch.setattr(ops, "product_factors", lambda x: ())
+    monkeypatch.setattr(fused, "product_factors", lambda x: ())
     without = run()
     for name in with_factors:
         assert torch.equal(with_factors[name], without[name]), name
@@ -198,7 +206,7 @@ def test_a_bf16_base_keeps_its_input_in_bf16_and_computes_the_branch_in_fp32():
     params = (layer.lora_A.weight, layer.lora_B.weight)
     got = (out, *torch.autograd.grad(out, (x, *params), g))
     torch.manual_seed(6)
-    keep, scale = keep_mask(x.shape, 0.3, x.device)
+    keep, scale = keep_mask(x.shape, 0.3)
     base = F.linear(x, layer.base_layer.weight, layer.base_layer.bias)
     lora = F.linear(F.linear(x.float() * keep * scale, params[0]), params[1]) + layer.lora_B.bias
     out = (base.float() + layer.scaling * lora).bfloat16()  # summed in fp32, rounded once
@@ -208,26 +216,112 @@ def test_a_bf16_base_keeps_its_input_in_bf16_and_computes_the_branch_in_fp32():
         torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
 
 
-def test_under_autocast_the_branch_runs_in_autocast_dtype_and_trains():
-    layers = _layers(outs=(4, 3), ranks=(2, 2), p=0.2, dtype=torch.float32)
-    x = torch.randn(6, 5, requires_grad=True)
-    torch.manual_seed(7)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = lora_forward(x, layers)
-    assert all(o.dtype == torch.bfloat16 for o in outs)
-    sum(o.float().sum() for o in outs).backward()
-    torch.manual_seed(7)
-    keep, scale = keep_mask(x.shape, 0.2, x.device)
-    for out, la in zip(outs, layers):
-        assert la.lora_A.weight.grad is not None and la.lora_B.weight.grad.abs().sum() > 0
-        want = (F.linear(x, la.base_layer.weight, la.base_layer.bias)
-                + la.scaling * (F.linear(F.linear(x * keep * scale, la.lora_A.weight), la.lora_B.weight) + la.lora_B.bias))
-        torch.testing.assert_close(out.float(), want.detach(), rtol=3e-2, atol=3e-2 * want.abs().max().item())
-
-
 def test_dropout_on_an_empty_batch_draws_nothing_and_trains_nothing():
     layer = _layers(outs=(2,), ranks=(2,), p=0.1, dtype=torch.float32)[0]
     x = torch.randn(0, 5, requires_grad=True)
     out = lora_forward(x, [layer])[0]
     out.sum().backward()
     assert out.shape == (0, 2) and torch.equal(layer.lora_A.weight.grad, torch.zeros(2, 5))
+
+
+def test_dropout_mask_drops_p_and_scales_to_keep_the_expectation():
+    torch.manual_seed(0)
+    keep, scale = keep_mask(torch.Size([400, 1000]), 0.05)
+    drop_rate = 1 - keep.float().mean().item()
+    assert abs(drop_rate - 0.05) < 0.002
+    assert abs(scale * keep.float().mean().item() - 1) < 0.003
+    assert abs(scale - 1 / (1 - 0.05)) < 1e-4
+
+
+def test_dropout_gradients_are_exact_for_the_mask_drawn():
+    layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.3).train()
+    randomize_b(layer)
+    x = torch.randn(5, 12, requires_grad=True)
+    torch.manual_seed(7)
+    layer(x).square().sum().backward()
+    ours = (x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    a = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    torch.manual_seed(7)
+    keep, scale = keep_mask(x.shape, 0.3)
+    dropped = x_ref * keep * scale
+    out = layer.base_layer(x_ref) + 2.0 * (dropped @ a.t() @ b.t())
+    out.square().sum().backward()
+    for got, want in zip(ours, (x_ref.grad, a.grad, b.grad)):
+        # the reference scales x, lora_core scales h: equal up to rounding of the largest terms
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_dropout_keeps_x_and_the_drop_positions_not_a_mask_and_leaves_the_random_stream_alone():
+    layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.3).train()
+    randomize_b(layer)
+    x = torch.randn(50, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # x itself, not a dropped copy
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and not [t for t in saved if t.dtype == torch.bool]
+    positions = [t for t in saved if t.dtype == torch.int32]
+    assert len(positions) == 1 and positions[0].numel() < 0.5 * x.numel()
+    state = torch.get_rng_state()
+    out.sum().backward()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_q_k_v_and_gate_up_form_sibling_groups():
+    model = llama_with_lora(0.0)
+    attn = model.model.layers[0].self_attn
+    mlp = model.model.layers[0].mlp
+    assert isinstance(attn.q_proj.siblings, SiblingGroup)
+    assert attn.q_proj.siblings is attn.k_proj.siblings is attn.v_proj.siblings
+    assert mlp.gate_proj.siblings is mlp.up_proj.siblings is not attn.q_proj.siblings
+    assert attn.o_proj.siblings is None and mlp.down_proj.siblings is None
+
+
+def test_fused_siblings_give_the_same_loss_and_gradients_as_separate_layers():
+    ids = torch.randint(0, 96, (2, 16))
+    grouped_loss, grouped = loss_and_grads(llama_with_lora(0.0).train(), ids)
+    separate_loss, separate = loss_and_grads(llama_with_lora(0.0, siblings=False).train(), ids)
+    torch.testing.assert_close(grouped_loss, separate_loss)
+    assert grouped.keys() == separate.keys()
+    for name in grouped:
+        torch.testing.assert_close(grouped[name], separate[name], msg=name)
+
+
+def test_siblings_share_one_dropout_mask():
+    model = llama_with_lora(0.5).train()
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():  # identical k and v adapters: equal LoRA branches iff the masks are equal
+        attn.v_proj.lora_A.weight.copy_(attn.k_proj.lora_A.weight)
+        attn.v_proj.lora_B.weight.copy_(attn.k_proj.lora_B.weight)
+        attn.v_proj.base_layer.weight.copy_(attn.k_proj.base_layer.weight)
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(attn.k_proj(x), attn.v_proj(x))
+    attn.k_proj.siblings = attn.v_proj.siblings = None  # separate layers draw separate masks
+    assert not torch.allclose(attn.k_proj(x), attn.v_proj(x))
+
+
+def test_siblings_called_on_different_inputs_compute_each_their_own():
+    model = llama_with_lora(0.0).eval()
+    attn = model.model.layers[0].self_attn
+    x1, x2 = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    grouped = (attn.q_proj(x1), attn.k_proj(x2), attn.v_proj(x1))
+    for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
+        layer.siblings = None
+    separate = (attn.q_proj(x1), attn.k_proj(x2), attn.v_proj(x1))
+    for got, want in zip(grouped, separate):
+        torch.testing.assert_close(got, want)
+
+
+def test_siblings_notice_an_input_modified_in_place_between_calls():
+    model = llama_with_lora(0.0).eval()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32)
+    attn.q_proj(x)
+    x.mul_(3)
+    k_after_change = attn.k_proj(x)
+    attn.k_proj.siblings = None
+    torch.testing.assert_close(k_after_change, attn.k_proj(x))

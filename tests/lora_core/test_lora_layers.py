@@ -1,4 +1,5 @@
-"""LoraLinear and the sibling down-projection: the math, dtypes, merging, dropout, checkpointing."""
+"""LoraLinear: the math, dtypes, merging, dropout, checkpointing, on the reference forward and on
+the fast path (`path` fixture); what only the fast path does is in test_lora_fused.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from lora_core import LoraConfig, adapter_parameters, apply_lora
+from lora_core import LoraConfig, adapter_parameters, apply_lora, use_fused
 from lora_core.inject import lora_layers
 from lora_core.layers import AdapterModule, LoraLinear
-from lora_core.ops import keep_mask
-from lora_core.siblings import SiblingGroup
 
 
 def linear(kind: str, in_f: int = 12, out_f: int = 20, dtype=torch.float32) -> nn.Module:
@@ -47,8 +46,15 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(params=["reference", "fused"])
+def path(request):
+    """The test runs on the reference forward and again on fused.py's fast path."""
+    with use_fused(request.param == "fused"):
+        yield request.param
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_fresh_adapter_is_a_noop(kind):
+def test_fresh_adapter_is_a_noop(kind, path):
     base = linear(kind)
     x = torch.randn(3, 5, 12)
     expected = base(x)
@@ -59,7 +65,7 @@ def test_fresh_adapter_is_a_noop(kind):
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("rslora,lora_bias", [(False, False), (True, True)])
-def test_forward_is_base_plus_scaled_low_rank_update(kind, rslora, lora_bias):
+def test_forward_is_base_plus_scaled_low_rank_update(kind, rslora, lora_bias, path):
     layer = LoraLinear(linear(kind), r=4, alpha=6, use_rslora=rslora, lora_bias=lora_bias)
     randomize_b(layer)
     x = torch.randn(2, 7, 12)
@@ -98,7 +104,7 @@ def test_layer_exposes_its_adapter_parameters_structurally():
     assert all(p is dict(layer.named_parameters())[k] for k, p in layer.adapter_params().items())
 
 
-def test_bf16_base_keeps_fp32_adapter_and_returns_base_dtype():
+def test_bf16_base_keeps_fp32_adapter_and_returns_base_dtype(path):
     base16 = linear("linear", dtype=torch.bfloat16)
     layer = LoraLinear(base16, r=4, alpha=8, lora_bias=True)
     randomize_b(layer)
@@ -112,7 +118,7 @@ def test_bf16_base_keeps_fp32_adapter_and_returns_base_dtype():
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
 
 
-def test_bf16_base_gets_fp32_adapter_gradients():
+def test_bf16_base_gets_fp32_adapter_gradients(path):
     layer = LoraLinear(linear("linear", dtype=torch.bfloat16), r=4, alpha=8)
     randomize_b(layer)
     layer(torch.randn(4, 12, dtype=torch.bfloat16)).float().square().sum().backward()
@@ -121,7 +127,7 @@ def test_bf16_base_gets_fp32_adapter_gradients():
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_merged_layer_computes_the_same_function_and_unmerge_restores_the_base(kind):
+def test_merged_layer_computes_the_same_function_and_unmerge_restores_the_base(kind, path):
     layer = LoraLinear(linear(kind), r=4, alpha=8, lora_bias=True)
     randomize_b(layer)
     x = torch.randn(3, 12)
@@ -165,16 +171,7 @@ def test_merge_is_never_implicit_in_train_or_eval():
     assert not layer.merged and torch.equal(layer.base_layer.weight, before)
 
 
-def test_dropout_mask_drops_p_and_scales_to_keep_the_expectation():
-    torch.manual_seed(0)
-    keep, scale = keep_mask(torch.Size([400, 1000]), 0.05, torch.device("cpu"))
-    drop_rate = 1 - keep.float().mean().item()
-    assert abs(drop_rate - 0.05) < 0.002
-    assert abs(scale * keep.float().mean().item() - 1) < 0.003
-    assert abs(scale - 1 / (1 - 0.05)) < 1e-4
-
-
-def test_zero_dropout_draws_no_random_numbers_in_training():
+def test_zero_dropout_draws_no_random_numbers_in_training(path):
     layer = LoraLinear(linear("linear"), r=2, alpha=2, dropout=0.0).train()
     x = torch.randn(3, 12, requires_grad=True)
     state = torch.get_rng_state()
@@ -182,7 +179,7 @@ def test_zero_dropout_draws_no_random_numbers_in_training():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_dropout_applies_only_in_training_and_only_to_the_lora_branch():
+def test_dropout_applies_only_in_training_and_only_to_the_lora_branch(path):
     layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.5)
     randomize_b(layer)
     x = torch.randn(64, 12)
@@ -196,55 +193,18 @@ def test_dropout_applies_only_in_training_and_only_to_the_lora_branch():
     torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
 
 
-def test_dropout_gradients_are_exact_for_the_mask_drawn():
-    layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.3).train()
-    randomize_b(layer)
-    x = torch.randn(5, 12, requires_grad=True)
-    torch.manual_seed(7)
-    layer(x).square().sum().backward()
-    ours = (x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
-
-    x_ref = x.detach().clone().requires_grad_(True)
-    a = layer.lora_A.weight.detach().clone().requires_grad_(True)
-    b = layer.lora_B.weight.detach().clone().requires_grad_(True)
-    torch.manual_seed(7)
-    keep, scale = keep_mask(x.shape, 0.3, x.device)
-    dropped = x_ref * keep * scale
-    out = layer.base_layer(x_ref) + 2.0 * (dropped @ a.t() @ b.t())
-    out.square().sum().backward()
-    for got, want in zip(ours, (x_ref.grad, a.grad, b.grad)):
-        # the reference scales x, lora_core scales h: equal up to rounding of the largest terms
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
-
-
-def test_dropout_keeps_x_and_the_drop_positions_not_a_mask_and_leaves_the_random_stream_alone():
-    layer = LoraLinear(linear("linear"), r=4, alpha=8, dropout=0.3).train()
-    randomize_b(layer)
-    x = torch.randn(50, 12, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = layer(x)
-    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # x itself, not a dropped copy
-    big = [t for t in saved if t.numel() >= x.numel()]
-    assert len(big) == 1 and not [t for t in saved if t.dtype == torch.bool]
-    positions = [t for t in saved if t.dtype == torch.int32]
-    assert len(positions) == 1 and positions[0].numel() < 0.5 * x.numel()
-    state = torch.get_rng_state()
-    out.sum().backward()
-    assert torch.equal(torch.get_rng_state(), state)
-
-
-def _llama_with_lora(dropout: float, fuse: bool, seed: int = 0) -> LlamaForCausalLM:
+def llama_with_lora(dropout: float, siblings: bool = True, seed: int = 0) -> LlamaForCausalLM:
+    """tiny_llama with LoRA on ALL_PROJ, B random; `siblings=False`: q/k/v and gate/up ungrouped."""
     model = apply_lora(tiny_llama(seed), LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=ALL_PROJ))
     torch.manual_seed(1)
     for layer in lora_layers(model).values():
         randomize_b(layer)
-        if not fuse:
+        if not siblings:
             layer.siblings = None
     return model
 
 
-def _loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 3):
+def loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 3):
     model.zero_grad()
     torch.manual_seed(seed)
     loss = model(input_ids=ids, labels=ids).loss
@@ -252,70 +212,19 @@ def _loss_and_grads(model: nn.Module, ids: torch.Tensor, seed: int = 3):
     return loss.detach(), {n: p.grad.clone() for n, p in adapter_parameters(model).items()}
 
 
-def test_q_k_v_and_gate_up_form_sibling_groups():
-    model = _llama_with_lora(0.0, fuse=True)
-    attn = model.model.layers[0].self_attn
-    mlp = model.model.layers[0].mlp
-    assert isinstance(attn.q_proj.siblings, SiblingGroup)
-    assert attn.q_proj.siblings is attn.k_proj.siblings is attn.v_proj.siblings
-    assert mlp.gate_proj.siblings is mlp.up_proj.siblings is not attn.q_proj.siblings
-    assert attn.o_proj.siblings is None and mlp.down_proj.siblings is None
+def test_the_dropout_module_is_plain_dropout_or_nothing():
+    assert isinstance(LoraLinear(linear("linear"), r=2, alpha=2, dropout=0.1).lora_dropout, nn.Dropout)
+    assert isinstance(LoraLinear(linear("linear"), r=2, alpha=2, dropout=0.0).lora_dropout, nn.Identity)
 
 
-def test_fused_siblings_give_the_same_loss_and_gradients_as_separate_layers():
+def test_non_reentrant_checkpointing_reproduces_loss_and_gradients_with_dropout(path):
     ids = torch.randint(0, 96, (2, 16))
-    fused_loss, fused = _loss_and_grads(_llama_with_lora(0.0, fuse=True).train(), ids)
-    separate_loss, separate = _loss_and_grads(_llama_with_lora(0.0, fuse=False).train(), ids)
-    torch.testing.assert_close(fused_loss, separate_loss)
-    assert fused.keys() == separate.keys()
-    for name in fused:
-        torch.testing.assert_close(fused[name], separate[name], msg=name)
-
-
-def test_siblings_share_one_dropout_mask():
-    model = _llama_with_lora(0.5, fuse=True).train()
-    attn = model.model.layers[0].self_attn
-    with torch.no_grad():  # identical k and v adapters: equal LoRA branches iff the masks are equal
-        attn.v_proj.lora_A.weight.copy_(attn.k_proj.lora_A.weight)
-        attn.v_proj.lora_B.weight.copy_(attn.k_proj.lora_B.weight)
-        attn.v_proj.base_layer.weight.copy_(attn.k_proj.base_layer.weight)
-    x = torch.randn(2, 6, 32)
-    torch.testing.assert_close(attn.k_proj(x), attn.v_proj(x))
-    attn.k_proj.siblings = attn.v_proj.siblings = None  # separate layers draw separate masks
-    assert not torch.allclose(attn.k_proj(x), attn.v_proj(x))
-
-
-def test_siblings_called_on_different_inputs_compute_each_their_own():
-    model = _llama_with_lora(0.0, fuse=True).eval()
-    attn = model.model.layers[0].self_attn
-    x1, x2 = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
-    fused = (attn.q_proj(x1), attn.k_proj(x2), attn.v_proj(x1))
-    for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
-        layer.siblings = None
-    separate = (attn.q_proj(x1), attn.k_proj(x2), attn.v_proj(x1))
-    for got, want in zip(fused, separate):
-        torch.testing.assert_close(got, want)
-
-
-def test_siblings_notice_an_input_modified_in_place_between_calls():
-    model = _llama_with_lora(0.0, fuse=True).eval()
-    attn = model.model.layers[0].self_attn
-    x = torch.randn(2, 5, 32)
-    attn.q_proj(x)
-    x.mul_(3)
-    k_after_change = attn.k_proj(x)
-    attn.k_proj.siblings = None
-    torch.testing.assert_close(k_after_change, attn.k_proj(x))
-
-
-def test_non_reentrant_checkpointing_reproduces_loss_and_gradients_with_dropout():
-    ids = torch.randint(0, 96, (2, 16))
-    plain_loss, plain = _loss_and_grads(_llama_with_lora(0.1, fuse=True).train(), ids)
-    model = _llama_with_lora(0.1, fuse=True).train()
+    plain_loss, plain = loss_and_grads(llama_with_lora(0.1).train(), ids)
+    model = llama_with_lora(0.1).train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     calls = []
     model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
-    ckpt_loss, ckpt = _loss_and_grads(model, ids)
+    ckpt_loss, ckpt = loss_and_grads(model, ids)
     assert len(calls) == 2  # forward + recomputation in backward: checkpointing really ran
     torch.testing.assert_close(ckpt_loss, plain_loss)
     for name in plain:

@@ -22,7 +22,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from lora_core import LoraConfig, adapter_parameters, apply_lora, load_adapter, save_adapter
+from lora_core import LoraConfig, adapter_parameters, apply_lora, load_adapter, save_adapter, use_fused
 
 
 def tiny(kind: str) -> nn.Module:
@@ -105,8 +105,9 @@ def test_we_save_exactly_the_keys_and_shapes_peft_saves(case, tmp_path):
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
 
 
-def test_gradients_equal_peft_gradients_without_dropout():
-    """The fused sibling down-projection and in-place addmm change no gradient."""
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_gradients_equal_peft_gradients_without_dropout(fast_path):
+    """The reference forward, and the fast path's fused siblings and in-place addmm, change no gradient."""
     config = LoraConfig(r=4, alpha=8, target_modules="all-linear", lora_bias=True)
     ours = apply_lora(tiny("llama"), config).train()
     perturb(adapter_parameters(ours).values())
@@ -116,8 +117,9 @@ def test_gradients_equal_peft_gradients_without_dropout():
                            .replace(".lora_B.", ".lora_B.default."): v
                             for k, v in ours.state_dict().items()})
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(3))
-    for model in (ours, theirs):
-        model(input_ids=ids, labels=ids).loss.backward()
+    with use_fused(fast_path):
+        for model in (ours, theirs):
+            model(input_ids=ids, labels=ids).loss.backward()
     peft_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     our_grads = adapter_parameters(ours)
     assert len(peft_grads) == len(our_grads)
