@@ -1,16 +1,19 @@
 """LoRA training-step benchmark (not a timed test): lora_core vs PEFT vs full fine-tuning.
 
     .venv/bin/python -m bench.lora_step [--seqs 128 256] [--rounds 3] [--threads 2] [--clock wall]
-        [--variants lora_core peft full lora_core_bf16 frozen] [--write]
+        [--variants lora_core lora_core_ref peft full lora_core_bf16 lora_core_bf16_ref frozen] [--write]
 
 SmolLM2-135M, the same weights and the same batch (4 x seq tokens of GSM8K text) for every
 variant; steps are interleaved round-robin in one process so machine drift hits all alike, and
 the median step (forward + backward + AdamW step) is reported. LoRA: r=8, alpha=16, dropout 0.05
-on the seven projections. `frozen` is the floor every LoRA step shares: the same model with no
+on the seven projections. `lora_core` runs where it can on the fast path (lora_core/fused.py), as it
+does by default; `lora_core_ref` (and `lora_core_bf16_ref`) is the same model with the fast path
+switched off for it (`lora_core.fused.set_enabled(False, model)`): the reference forward, the
+formula in `LoraLinear.forward`. `frozen` is the floor every LoRA step shares: the same model with no
 adapter and no optimizer, backpropagating to its input embeddings (a little more than LoRA needs:
 layer 0's input gradient). MFU counts 4N FLOPs per token for LoRA (forward + input gradients) and
 6N for full fine-tuning, N = 134.5M (lm_head matmul included), against a matmul peak measured in
-the same run (fp32 [512,576]x[576,576], and bf16 for the bf16-base variant). Peak RSS is measured
+the same run (fp32 [512,576]x[576,576], and bf16 for the bf16-base variants). Peak RSS is measured
 per variant in a fresh subprocess (`--rss-child`) so peaks do not mix. Writes
 bench/results/lora_step.md with `--write`.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import statistics
 import subprocess
@@ -30,9 +34,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "lora_step.md"
-DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+DATA = REPO / "data" / "gsm8k" / "train.jsonl.gz"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("lora_core", "peft", "full", "lora_core_bf16", "frozen")
+VARIANTS = ("lora_core", "lora_core_ref", "peft", "full", "lora_core_bf16", "lora_core_bf16_ref", "frozen")
 DEFAULT_VARIANTS = ("lora_core", "peft", "full", "lora_core_bf16")
 BATCH = 4
 NOTES = "<!-- notes: kept by --write -->"
@@ -41,7 +45,7 @@ NOTES = "<!-- notes: kept by --write -->"
 def gsm8k_batch(tokenizer, seq: int) -> torch.Tensor:
     """(BATCH, seq) token ids: GSM8K question/answer text, concatenated and cut (no padding)."""
     ids: list[int] = []
-    with open(DATA) as f:
+    with gzip.open(DATA, "rt") as f:
         for line in f:
             row = json.loads(line)
             ids += tokenizer(f"Question: {row['question']}\nAnswer: {row['answer']}\n")["input_ids"]
@@ -68,9 +72,11 @@ def build(variant: str, base: torch.nn.Module):
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         import lora_core
-        if variant == "lora_core_bf16":
+        if variant.startswith("lora_core_bf16"):
             model.to(torch.bfloat16)
         lora_core.apply_lora(model, lora_core.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=TARGETS))
+        # per model, not process-wide: the variants' steps interleave in one process
+        lora_core.fused.set_enabled(not variant.endswith("_ref"), model)
         params = list(lora_core.adapter_parameters(model).values())
     return model.train(), torch.optim.AdamW(params, lr=1e-5)
 
@@ -146,8 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS),
-                        help="full and peft are always included (the ratios' denominators); frozen is opt-in: "
-                             "a fifth resident model changes the other variants' page-fault costs")
+                        help="full and peft are always included (the ratios' denominators); the *_ref variants and "
+                             "frozen are opt-in: each further resident model changes the others' page-fault costs")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(REPO)}")
     parser.add_argument("--rss-child", nargs=2, metavar=("VARIANT", "SEQ"), help=argparse.SUPPRESS)
@@ -192,6 +198,11 @@ def write_results(report: str, path: Path) -> None:
     path.write_text(report + "\n" + (old[old.index(NOTES):] if NOTES in old else NOTES + "\n"))
 
 
+def _fast_path_enabled() -> bool:
+    from lora_core import fused
+    return fused.enabled()
+
+
 def render(args, variants, n_params, peaks, peaks_after, times, rss) -> str:
     peak = {d: max(peaks[d], peaks_after[d]) for d in peaks}
     lines = [
@@ -202,7 +213,9 @@ def render(args, variants, n_params, peaks, peaks_after, times, rss) -> str:
         + " --write`", "",
         f"SmolLM2-135M (N = {n_params / 1e6:.1f}M), batch {BATCH} x seq of GSM8K text, AdamW; LoRA r=8 alpha=16 "
         f"dropout 0.05 on {', '.join(TARGETS)}. torch {torch.__version__}, {args.threads} threads. Median of "
-        f"{args.rounds} interleaved steps after one warm-up step, {args.clock} clock. Matmul peak (fp32 / bf16, GFLOP/s, start - end "
+        f"{args.rounds} interleaved steps after one warm-up step, {args.clock} clock"
+        + ("" if _fast_path_enabled() else " (fast path off process-wide: LORAFLOW_FUSED_LORA)")
+        + ". Matmul peak (fp32 / bf16, GFLOP/s, start - end "
         f"of run): {peaks[torch.float32]:.0f} - {peaks_after[torch.float32]:.0f} / "
         f"{peaks[torch.bfloat16]:.0f} - {peaks_after[torch.bfloat16]:.0f}; MFU uses the larger.", "",
         "| seq | variant | step s | tokens/s | vs PEFT tokens/s | step / full step | MFU | peak RSS MB "
@@ -214,7 +227,7 @@ def render(args, variants, n_params, peaks, peaks_after, times, rss) -> str:
         for v in variants:
             tokens_s = BATCH * seq / med[v]
             flops = (6 if v == "full" else 4) * n_params * tokens_s
-            mfu = flops / (peak[torch.bfloat16 if v.endswith("bf16") else torch.float32] * 1e9)
+            mfu = flops / (peak[torch.bfloat16 if "bf16" in v else torch.float32] * 1e9)
             mem = rss.get((v, seq))
             mem_cols = (f"{mem['peak_mb']:.0f} | {mem['peak_mb'] / rss[('full', seq)]['peak_mb']:.2f}"
                         if mem else "- | -")
