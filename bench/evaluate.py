@@ -20,6 +20,7 @@ Absolute numbers drift 15-20% on a shared machine: compare the ratios of one run
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -32,14 +33,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("LORAFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = REPO / "data"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def gsm8k_rows(tok, n: int, seq: int) -> list[dict]:
     """Prepared-style eval rows: question as prompt (labels -100), answer as response."""
     rows = []
-    for line in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines():
+    for line in gzip.open(DATA / "gsm8k" / "test.jsonl.gz", "rt").read().splitlines():
         ex = json.loads(line)
         prompt = tok(ex["question"], add_special_tokens=False)["input_ids"]
         answer = tok(" " + ex["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -124,6 +125,7 @@ def part2(args, adapter: Path, rows: list[dict], workdir: Path) -> list[tuple[in
     import pyarrow.parquet as pq
     import ray
 
+    from workflows.adapters import AdapterFiles
     from workflows.config import config_from_dict
     from workflows.evaluate.stage import run_evaluate
     from workflows.models import load_tokenizer
@@ -156,7 +158,7 @@ def part2(args, adapter: Path, rows: list[dict], workdir: Path) -> list[tuple[in
                                        "eval": {"actors": actors, "batch_size": args.batch, "compare_base": False,
                                                 "bootstrap_samples": 0}})
             start = time.perf_counter()
-            run_evaluate(config, prepared, adapter, workdir / f"evaluate-{actors}")
+            run_evaluate(config, prepared, AdapterFiles.read(adapter), workdir / f"evaluate-{actors}")
             wall = time.perf_counter() - start
             out.append((actors, wall, tokens / wall))
     finally:

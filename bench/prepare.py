@@ -2,7 +2,7 @@
 
 Same input, same run, same per-example work: GSM8K (as user/assistant chats) and SGD dialogues,
 replicated to N rows, rendered with SmolLM2's chat template, tokenized, prompt-masked
-(workflows/formats.py does both sides' work). loraflow also validates, splits, dedupes, packs
+(workflows/prepare/formats.py does both sides' work). loraflow also validates, splits, dedupes, packs
 and writes shards; HF only maps (its Arrow cache write included). Reported: rows/s, tokens/s,
 and peak RSS summed over the driver and every process it started (Ray workers, HF pool).
 
@@ -12,6 +12,7 @@ and peak RSS summed over the driver and every process it started (Ray workers, H
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import os
@@ -25,14 +26,14 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("LORAFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+DATA = REPO / "data"
 
 
 def write_input(path: Path, rows: int) -> None:
     """GSM8K questions as chats + SGD dialogues, cycled to `rows` lines (row index appended to
     the first user turn, so dedupe keeps every row and the hash split sees new content)."""
-    gsm = [json.loads(x) for x in (SHARED / "gsm8k" / "train.jsonl").read_text().splitlines()]
-    sgd = [json.loads(x)["messages"] for x in (SHARED / "sgd-dialogues" / "messages_train.jsonl").read_text().splitlines()]
+    gsm = [json.loads(x) for x in gzip.open(DATA / "gsm8k" / "train.jsonl.gz", "rt").read().splitlines()]
+    sgd = [json.loads(x)["messages"] for x in gzip.open(DATA / "sgd-dialogues" / "messages_train.jsonl.gz", "rt").read().splitlines()]
     chats = [[{"role": "user", "content": g["question"]}, {"role": "assistant", "content": g["answer"]}] for g in gsm]
     chats += sgd
     with open(path, "w") as f:

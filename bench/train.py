@@ -4,7 +4,7 @@ prepare stage. Writes bench/results/train.md.
 
     .venv/bin/python -m bench.train [--model tiny-llama|smollm2-135m] [--steps 20] [--seq 128]
 
-Every variant runs the same `_Loop` (same data order, batches, loss, optimizer); full fine-tuning
+Every variant runs the same `StepLoop` (same data order, batches, loss, optimizer); full fine-tuning
 only differs in what is trainable. Ratios measured in one run are what to compare: absolute times
 on a shared 2-core machine drift by 15-20%.
 """
@@ -33,46 +33,45 @@ def full_finetune_loop(config: dict[str, Any]) -> dict[str, Any]:
     from workflows.models import load_base
     from workflows.train.checkpoint import TrainState
     from workflows.train.ddp_comm import CommStats, count_broadcasts, register_counting_hook, tensor_bytes
-    from workflows.train.worker import WorkerConfig, _Loop, lr_lambda
+    from workflows.train.loop import StepLoop
+    from workflows.train.worker import WorkerConfig, lr_lambda
 
-    cfg = WorkerConfig(**config)
+    cfg: WorkerConfig = config["worker"]
     ctx = ray.train.get_context()
-    torch.set_num_threads(cfg.train["threads_per_worker"] or 1)
-    torch.manual_seed(cfg.train["seed"])
-    model, _ = load_base(cfg.model["name"])
+    torch.set_num_threads(cfg.train.threads_per_worker or 1)
+    torch.manual_seed(cfg.train.seed)
+    model, _ = load_base(cfg.model.name)
     model.config.use_cache = False
     model.train().requires_grad_(True)
     stats = CommStats()
     with count_broadcasts(stats):  # default DDP: the whole model is broadcast at start-up
         ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    register_counting_hook(ddp, stats, cfg.train["grad_compression"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train["lr"])
+    register_counting_hook(ddp, stats, cfg.train.grad_compression)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", 0, cfg.total_steps))
-    loop = _Loop(cfg, ddp, model, optimizer, scheduler, stats, ray.train.torch.get_device(),
-                 ctx.get_world_rank(), ctx.get_world_size())
-    loop.run(TrainState(seed=cfg.train["seed"], world_size=ctx.get_world_size()))
+    loop = StepLoop(cfg, ddp, model, optimizer, scheduler, stats, ray.train.torch.get_device(),
+                    ctx.get_world_rank(), ctx.get_world_size())
+    loop.run(TrainState(seed=cfg.train.seed, world_size=ctx.get_world_size()))
     return {**loop.last_metrics, "broadcast_bytes": stats.broadcast_bytes,
             "param_bytes": tensor_bytes(model.parameters())}
 
 
 def run_full_finetune(config, prepared, total_steps: int, storage: Path, name: str) -> dict[str, Any]:
-    from dataclasses import asdict
-
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from workflows.train.stage import train_datasets
+    from workflows.train.stage import lora_config, train_datasets
     from workflows.train.worker import WorkerConfig
 
     tc = config.train
-    worker = WorkerConfig(model=config.section("model"), lora=config.section("lora"), train=config.section("train"),
+    worker = WorkerConfig(model=config.model, lora=lora_config(config, {}), train=tc,
                           manifest=prepared.manifest, run_dir=str(storage / name), total_steps=total_steps)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     # Imported by module name: Ray must not pickle a __main__ function by value (see RAY_2.60.md).
     loop = importlib.import_module("bench.train").full_finetune_loop
     result = TorchTrainer(
-        loop, train_loop_config=asdict(worker),
+        loop, train_loop_config={"worker": worker},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage)),
         datasets=train_datasets(prepared, tc),
@@ -107,7 +106,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-llama")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--data", default=str(REPO / "data"))
     args = p.parse_args()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -125,7 +124,7 @@ def main() -> None:
     def config(**train):
         return config_from_dict({
             "model": {"name": args.model},
-            "data": {"source": str(data / "gsm8k" / "train.jsonl"), "eval_source": str(data / "gsm8k" / "test.jsonl"),
+            "data": {"source": str(data / "gsm8k" / "train.jsonl.gz"), "eval_source": str(data / "gsm8k" / "test.jsonl.gz"),
                      "format": "instruction", "fields": {"instruction": "question", "output": "answer"},
                      "max_seq_len": 128, "max_rows": 800, "max_eval_rows": 16, "max_reject_fraction": 0.2},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},

@@ -30,12 +30,9 @@ Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real data sets (GSM8K, SGD dialogues, Banking77); override with LORAFLOW_SHARED_DATA."""
-    path = Path(os.environ.get("LORAFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
-    if not path.is_dir():
-        raise RuntimeError(f"shared data not found at {path}; set LORAFLOW_SHARED_DATA")
-    return path
+def example_data() -> Path:
+    """The real data sets shipped in the repository (GSM8K, SGD dialogues, Banking77): `data/`."""
+    return REPO / "data"
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +44,7 @@ def ray_session():
     if not ray.is_initialized():
         # address="local": always a new cluster, never one some other process left running here.
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+                 runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'train'}"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -162,7 +162,9 @@ def test_collates_parquet_shards_through_ray_data(ray_session, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "part-00000.parquet")
 
     ds = ray_session.data.read_parquet(str(tmp_path))
-    batches = list(ds.iter_torch_batches(batch_size=2, collate_fn=CausalCollator(PAD, packed=True)))
+    from workflows.train.loop import RayCollate  # what the training loop hands Ray Data
+
+    batches = list(ds.iter_torch_batches(batch_size=2, collate_fn=RayCollate(CausalCollator(PAD, packed=True))))
 
     assert [b["input_ids"].shape for b in batches] == [(2, 5), (1, 4)]
     assert batches[1]["input_ids"].tolist() == [[12, 13, 14, 15]]

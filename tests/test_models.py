@@ -96,7 +96,7 @@ def test_concurrent_builds_of_a_cached_folder_run_the_build_once(tmp_path):
         (tmp / "done").write_text("x")
 
     final = tmp_path / "models" / "thing"
-    threads = [threading.Thread(target=models._cached_folder, args=(final, build)) for _ in range(3)]
+    threads = [threading.Thread(target=models._cached_folder, args=(final, build, ("done",))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -112,8 +112,31 @@ def test_a_failed_build_leaves_no_folder(tmp_path):
 
     final = tmp_path / "models" / "thing"
     with pytest.raises(RuntimeError, match="conversion failed"):
-        models._cached_folder(final, build)
+        models._cached_folder(final, build, ("half",))
     assert list((tmp_path / "models").iterdir()) == [tmp_path / "models" / ".thing.lock"]
+
+
+def test_a_build_that_leaves_out_a_required_file_commits_nothing(tmp_path):
+    def build(tmp: Path) -> None:  # what transformers' save_pretrained did on a rank other than 0
+        (tmp / "tokenizer.json").write_text("{}")
+
+    final = tmp_path / "models" / "thing"
+    with pytest.raises(models.ModelNotAvailableError, match="left out config.json, \\*.safetensors"):
+        models._cached_folder(final, build, ("config.json", "*.safetensors", "tokenizer.json"))
+    assert not final.exists()
+
+
+def test_a_cached_folder_missing_a_required_file_is_rebuilt_not_trusted(tmp_path):
+    final = tmp_path / "models" / "thing"
+    final.mkdir(parents=True)
+    (final / "tokenizer.json").write_text("{}")  # poisoned: no config, no weights
+
+    def build(tmp: Path) -> None:
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (tmp / name).write_text("x")
+
+    models._cached_folder(final, build, ("config.json", "*.safetensors", "tokenizer.json"))
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_minilm_seq_cls_keeps_the_encoder_and_adds_a_new_head():

@@ -2,8 +2,8 @@
 
 Input: one batch of prepared rows as columns, `{column: sequence of rows}` (what Ray Data's
 `iter_torch_batches(collate_fn=...)` hands over: numpy object arrays of int32 arrays, or a 2-D
-array when every row has the same length; plain lists work too; the collators subclass Ray's
-`NumpyBatchCollateFn` so Ray Data hands them exactly that). Columns are those of
+array when every row has the same length; plain lists work too). No Ray here: the training loop
+wraps a collator in Ray's `NumpyBatchCollateFn` (`workflows.train.loop`). Columns are those of
 `docs/artifacts.md`; columns a collator does not use are ignored.
 
 Output (all int64, B rows, T = longest row, rounded up to `pad_to_multiple_of`):
@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 IGNORE_INDEX = -100
 
@@ -78,7 +77,7 @@ def _attention_mask(rows: list[np.ndarray], length: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class CausalCollator(NumpyBatchCollateFn):
+class CausalCollator:
     """Causal-LM batches; `packed` selects the packed layout (see the module docstring)."""
 
     pad_token_id: int
@@ -107,7 +106,7 @@ class CausalCollator(NumpyBatchCollateFn):
 
 
 @dataclass(frozen=True)
-class ClassificationCollator(NumpyBatchCollateFn):
+class ClassificationCollator:
     """Sequence-classification batches: right-padded tokens, mask and one label per row."""
 
     pad_token_id: int

@@ -7,11 +7,15 @@ and the file instead of silently taking a default. Defaults are what a user rare
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lora_core.config import LoraConfig
+from workflows.artifacts import is_uri
 
 CONFIG_VERSION = 1
 
@@ -26,8 +30,9 @@ class ModelSection(Section):
     name: str = "smollm2-135m"
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
     # Weights dtype of the frozen base; adapters are always kept in fp32. "auto": bfloat16 where
-    # the hardware does bf16 matmuls natively (bf16 GPUs; CPUs with AVX512-BF16 or AMX), else float32.
-    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    # the hardware does bf16 matmuls natively (bf16 GPUs; CPUs with AVX512-BF16 or AMX), float16 on
+    # GPUs without bf16 (T4, V100), else float32.
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     revision: str | None = None
 
 
@@ -60,18 +65,23 @@ class DataSection(Section):
     max_rows: int | None = Field(None, ge=1)  # read at most this many rows (quick experiments)
 
 
+_LORA = {f.name: f.default for f in dataclasses.fields(LoraConfig)}  # one source of LoRA defaults
+
+
 class LoraSection(Section):
-    r: int = Field(8, ge=1)
-    alpha: float = 16.0
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    layers_to_transform: list[int] | int | None = None
-    use_rslora: bool = False
-    lora_bias: bool = False
-    bias: Literal["none", "lora_only", "all"] = "none"
-    modules_to_save: list[str] | None = None
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    """`lora_core.LoraConfig`'s fields and defaults (PEFT's: r 8, alpha 8, dropout 0), validated."""
+
+    r: int = Field(_LORA["r"], ge=1)
+    alpha: float = Field(_LORA["alpha"], gt=0)
+    dropout: float = Field(_LORA["dropout"], ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = _LORA["target_modules"]
+    exclude_modules: list[str] | str | None = _LORA["exclude_modules"]
+    layers_to_transform: list[int] | int | None = _LORA["layers_to_transform"]
+    use_rslora: bool = _LORA["use_rslora"]
+    lora_bias: bool = _LORA["lora_bias"]
+    bias: Literal["none", "lora_only", "all"] = _LORA["bias"]
+    modules_to_save: list[str] | None = _LORA["modules_to_save"]
+    init: Literal["kaiming", "gaussian"] = _LORA["init"]
 
 
 class TrainSection(Section):
@@ -89,7 +99,13 @@ class TrainSection(Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    bf16: bool | None = None  # None: autocast on GPU, off on CPU
+    # Mixed precision of the forward/backward (adapters and optimizer state stay fp32). "auto": bf16
+    # autocast on GPUs that have bf16, fp16 autocast with a gradient scaler on those that do not
+    # (T4, V100), fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # DDP's find_unused_parameters; "auto": on for mixture-of-experts models (an expert that gets no
+    # token in a step leaves its trainable parameters without a gradient), off otherwise.
+    find_unused_parameters: bool | Literal["auto"] = "auto"
     gradient_checkpointing: bool = False
     grad_compression: Literal["none", "bf16"] = "none"
     log_every: int = Field(10, ge=1)
@@ -112,6 +128,8 @@ class GenerationSection(Section):
 
 class EvalSection(Section):
     actors: int = Field(1, ge=1)
+    # GPUs per eval actor (fractions share a GPU); None: 1 when train.use_gpu, else 0.
+    gpus_per_actor: float | None = Field(None, ge=0)
     batch_size: int = Field(8, ge=1)
     compare_base: bool = True
     compare_champion: bool = True
@@ -196,8 +214,10 @@ class PipelineConfig(Section):
 
     def resolve_path(self, path: str) -> str:
         """A relative local path is taken relative to the config file's folder."""
-        if "://" in path or path.startswith("hf:") or Path(path).expanduser().is_absolute():
-            return str(Path(path).expanduser()) if "://" not in path and not path.startswith("hf:") else path
+        if is_uri(path) or path.startswith("hf:"):
+            return path
+        if Path(path).expanduser().is_absolute():
+            return str(Path(path).expanduser())
         base = Path(self.source_path).parent if self.source_path else Path.cwd()
         return str((base / path).resolve())
 
@@ -266,7 +286,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<dict>", source_path: s
 def check_runs_dir(config: PipelineConfig) -> None:
     """Run records are written with plain file I/O: `cluster.runs_dir` is never an object store.
     Checked by every run and, before a job is submitted, by `loraflow submit`."""
-    if "://" in config.cluster.runs_dir:
+    if is_uri(config.cluster.runs_dir):
         raise ConfigError(f"cluster.runs_dir {config.cluster.runs_dir!r}: run records are written with plain file "
                           "I/O, so runs_dir must be a path on the cluster, e.g. a shared volume "
                           "(--set cluster.runs_dir=/mnt/shared/loraflow/runs); only cluster.work_dir may be "

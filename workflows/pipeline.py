@@ -1,10 +1,12 @@
-"""Execute a plan: run each missing stage in order, reuse each hit, record the run.
+"""Execute a plan: take the work directory's lock, run each missing stage in order, reuse each hit,
+record the run.
 
-Ray is started only when a stage that needs it has to run, so a fully cached re-run never
-starts a cluster. Every run writes `runs/<run-id>/manifest.json` (fingerprints, inputs, outputs,
-timings, registry version) and a report. With the work directory on an object store each stage
-runs into a local staging directory that is then published (`workflows.storage`); the manifest
-records the store URIs of the outputs.
+Each body gets the outputs of its declared upstream stages only (`workflows.dag.STAGES`). Ray is
+started only when a stage that needs it has to run, so a fully cached re-run never starts a
+cluster. Every run writes `runs/<run-id>/manifest.json` (fingerprints, inputs, outputs, timings,
+registry version) and a report. With the work directory on an object store each stage runs into a
+local staging directory that is then published (`workflows.storage`); the manifest records the
+store URIs of the outputs.
 """
 
 from __future__ import annotations
@@ -13,67 +15,92 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from workflows import __version__
-from workflows.artifacts import atomic_write_json, stage_output
+from workflows.adapters import AdapterFiles
+from workflows.artifacts import atomic_write_json, file_lock, fingerprint
 from workflows.config import PipelineConfig
-from workflows.dag import (
-    Layout,
-    Plan,
-    PlannedStage,
-    attempt_of,
-    bump_attempt,
-    new_run_id,
-    plan,
-    save_plan_state,
-    work_lock,
-)
-from workflows.storage import WorkStore, join, read_json
+from workflows.dag import STAGE, Layout, Plan, StageRun, plan, save_plan_state
+from workflows.prepared import PreparedData
+from workflows.registry.references import champion_files, resolve_adapter
+from workflows.report import write_report
+from workflows.storage import WorkStore
+
+Log = Callable[[str], None]
 
 
-@dataclass
-class RunContext:
-    config: PipelineConfig
-    plan: Plan
-    run_id: str
-    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ray_started: bool = False
-    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def start_ray(config: PipelineConfig, log: Callable[[str], None]) -> bool:
-    """Start a local Ray or join `cluster.address`; False when this process is already connected."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    cluster = config.cluster
-    # Inside a Ray Job (`ray job submit -- loraflow run ...`) RAY_ADDRESS names the cluster to join.
-    address = cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        check_shared_storage(Layout.of(config).store)
-    else:
-        train = config.train
-        # Train workers hold their CPUs for the whole fit; leave at least 2 logical CPUs for Ray Data
-        # (a 2-core box deadlocks silently otherwise).
-        want = int(train.num_workers * train.cpus_per_worker + 0.999) + 2
-        num_cpus = cluster.num_cpus or max(os.cpu_count() or 1, want)
-        # The dashboard also serves the state API Ray Train's placement-group cleaner polls; without
-        # it that monitor thread fails noisily. Bound to 127.0.0.1: nothing is exposed.
-        ray.init(num_cpus=num_cpus, include_dashboard=cluster.dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
-    log(f"[ray] connected: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)")
-    return True
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def ensure_ray(ctx: RunContext) -> None:
-    """Start or join Ray once, the first time a stage needs it (a fully cached run never does)."""
-    ctx.ray_started = start_ray(ctx.config, ctx.log) or ctx.ray_started
+@contextlib.contextmanager
+def work_lock(work: Path, wait: bool = True) -> Iterator[None]:
+    """One driver per work directory at a time (a second `loraflow run` waits, or fails with wait=False).
+
+    `work` is `Layout.work`: for an object store, the local mirror keyed by the URI, so this guards
+    runs on one machine only; concurrent runs from different machines on one prefix are not guarded.
+    """
+    with file_lock(work / ".lock", wait, held=f"another loraflow run holds {work / '.lock'}"):
+        yield
+
+
+# ----------------------------------------------------------------------------- the Ray session
+
+class RaySession:
+    """Starts or joins Ray on first `ensure()`; `close()` shuts down only a Ray this session started."""
+
+    def __init__(self, config: PipelineConfig, log: Log = _stderr):
+        self.config, self.log, self.started = config, log, False
+
+    def ensure(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        cluster = self.config.cluster
+        # Inside a Ray Job (`ray job submit -- loraflow run ...`) RAY_ADDRESS names the cluster to join.
+        address = cluster.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+        if address:
+            ray.init(address=address, log_to_driver=True)
+            check_shared_storage(Layout.of(self.config).store)
+        else:
+            train = self.config.train
+            # Train workers hold their CPUs for the whole fit; leave at least 2 logical CPUs for Ray
+            # Data (a 2-core box deadlocks silently otherwise).
+            want = int(train.num_workers * train.cpus_per_worker + 0.999) + 2
+            # The dashboard also serves the state API Ray Train's placement-group cleaner polls;
+            # without it that monitor thread fails noisily. Bound to 127.0.0.1: nothing is exposed.
+            ray.init(num_cpus=cluster.num_cpus or max(os.cpu_count() or 1, want), include_dashboard=cluster.dashboard,
+                     dashboard_host="127.0.0.1", log_to_driver=True)
+        self.started = True
+        self.log(f"[ray] connected: {ray.cluster_resources().get('CPU', 0):.0f} CPUs, {len(ray.nodes())} node(s)")
+
+    def close(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
+            self.started = False
+
+
+@contextlib.contextmanager
+def ray_session(config: PipelineConfig, log: Log = _stderr, start: bool = False) -> Iterator[RaySession]:
+    """A Ray session for a block: started at once with `start`, else on the first `ensure()`."""
+    session = RaySession(config, log)
+    try:
+        if start:
+            session.ensure()
+        yield session
+    finally:
+        session.close()
 
 
 def check_shared_storage(store: WorkStore) -> None:
@@ -84,6 +111,7 @@ def check_shared_storage(store: WorkStore) -> None:
     (endpoint, credentials) from every node.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if len(alive) <= 1:
@@ -100,8 +128,6 @@ def check_shared_storage(store: WorkStore) -> None:
         except OSError:
             return False
 
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
             .remote(store.fs, store.path_of(name)) for n in alive]
     blind = [n["NodeManagerAddress"] for n, ok in zip(alive, ray.get(refs)) if not ok]
@@ -116,188 +142,67 @@ def check_shared_storage(store: WorkStore) -> None:
             "(s3://bucket/prefix) so Ray Train checkpoints and stage outputs are reachable everywhere")
 
 
-# --- stage bodies: each returns a JSON-able summary of its outputs -----------------------------
-# A fresh stage writes `st.dir` (local), then `_publish` commits it to the work directory's store
-# (a no-op for a local work directory); summaries read the committed output at `st.uri`.
+# ----------------------------------------------------------------------------- running the DAG
 
-
-def _publish(ctx: RunContext, st: PlannedStage) -> None:
-    ctx.plan.layout.store.publish(st.name, st.fingerprint)
-
-
-def _local_output(ctx: RunContext, stage: str) -> Path:
-    """An upstream stage's output as a local directory (downloaded once when the store is remote)."""
-    return ctx.plan.layout.store.fetch(stage, ctx.plan[stage].fingerprint)
-
-
-def _prepare(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
-    from workflows.prepare.stage import run_prepare
-    from workflows.prepared import PreparedData
-
-    if fresh:
-        run_prepare(ctx.config, st.dir)
-        _publish(ctx, st)
-    # Remote: the shards are read straight from the store, by whichever node reads them.
-    prepared = PreparedData.load(st.uri)
-    ctx.outputs["prepare"]["prepared"] = prepared
-    m = prepared.manifest
-    return {"dir": st.uri, "counts": m.get("counts", {}), "input_digest": m.get("input_digest"),
-            "rows_digest": m.get("rows_digest"), "tokens": m.get("tokens", {})}
-
-
-def _train(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
-    if fresh:
-        from workflows.train.stage import run_train
-
-        layout = ctx.plan.layout
-        attempt = bump_attempt(layout, st.fingerprint) if st.status == "forced" else attempt_of(layout, st.fingerprint)
-        run_name = f"{st.fingerprint}-a{attempt}"
-        run_train(ctx.config, ctx.outputs["prepare"]["prepared"], st.dir,
-                  storage_path=layout.ray_storage, run_name=run_name)
-        _publish(ctx, st)
-    result = read_json(join(st.uri, "result.json"))
-    return {"dir": st.uri, "adapter": join(st.uri, "adapter"), "metrics_path": join(st.uri, "metrics.jsonl"),
-            **{k: result[k] for k in ("run_name", "metrics") if k in result}}
-
-
-def _evaluate(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
-    if fresh:
-        from workflows.evaluate.stage import run_evaluate
-        from workflows.registry.sqlite import Registry
-
-        registry = Registry(ctx.config.registry.root) if ctx.config.eval.compare_champion else None
-        run_evaluate(ctx.config, ctx.outputs["prepare"]["prepared"], _local_output(ctx, "train") / "adapter",
-                     st.dir, registry=registry)
-        _publish(ctx, st)
-    metrics = read_json(join(st.uri, "metrics.json"))
-    return {"dir": st.uri, "metrics": metrics}
-
-
-def _register(ctx: RunContext, st: PlannedStage, fresh: bool) -> dict[str, Any]:
-    if fresh:
-        from workflows.registry.stage import register_and_gate
-
-        prep = ctx.outputs["prepare"]
-        lineage = {
-            "parent_adapter": _pinned_parent(ctx.config),
-            "run_id": ctx.run_id,
-            "input_digest": prep.get("input_digest"),
-            "prepared_manifest_digest": prep.get("rows_digest"),
-            "config": ctx.config.model_dump(mode="json"),
-            "loraflow_version": __version__,
-            "fingerprints": {s.name: s.fingerprint for s in ctx.plan.stages},
-        }
-        version, decision = register_and_gate(ctx.config, _local_output(ctx, "train") / "adapter",
-                                              ctx.outputs["evaluate"]["metrics"], lineage)
-        with stage_output(st.dir) as tmp:
-            atomic_write_json(tmp / "register.json", {"name": ctx.config.registry.name, "version": version,
-                                                     "decision": _as_dict(decision)})
-        _publish(ctx, st)
-    return {"dir": st.uri, **read_json(join(st.uri, "register.json"))}
-
-
-def _pinned_parent(config: PipelineConfig) -> str | None:
-    """The warm-start adapter as an immutable reference: `name@champion` moves, `name:3` does not."""
-    ref = config.train.init_adapter
-    if not ref or "@" not in ref or Path(ref).expanduser().exists():
-        return ref
-    from workflows.registry.base import Ref
-    from workflows.registry.sqlite import Registry
-
-    parsed = Ref.parse(ref)
-    version = Registry(config.registry.root).alias_version(parsed.name, parsed.alias)
-    return f"{parsed.name}:{version}" if version is not None else ref
-
-
-def evaluate_adapter(config: PipelineConfig, adapter: str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """`loraflow evaluate --adapter`: score any adapter (a folder or a registry reference) against the
-    base and the champion on the config's prepared eval rows (prepare runs first if not cached)."""
-    from workflows.artifacts import fingerprint
-    from workflows.evaluate.stage import run_evaluate
-    from workflows.prepared import PreparedData
-    from workflows.registry.sqlite import Registry
-
-    # One Ray session for both steps: run_pipeline leaves a Ray it did not start running.
-    started = start_ray(config, log or print)
-    try:
-        manifest = run_pipeline(config, until="prepare", log=log)
-        prepared = PreparedData.load(manifest["stages"]["prepare"]["outputs"]["dir"])
-        out = Layout.of(config).work / "evaluate" / f"adhoc-{fingerprint(adapter, config.section('eval'), new_run_id())}"
-        result = run_evaluate(config, prepared, adapter, out, registry=Registry(config.registry.root))
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    return {"dir": str(out), "metrics": result.metrics}
-
-
-def _as_dict(obj: Any) -> Any:
-    if hasattr(obj, "to_dict"):
-        return obj.to_dict()
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(obj)
-    return obj
-
-
-STAGE_BODIES: dict[str, Callable[[RunContext, PlannedStage, bool], dict[str, Any]]] = {
-    "prepare": _prepare, "train": _train, "evaluate": _evaluate, "register": _register,
-}
+def _run_stages(p: Plan, run_id: str, ray: RaySession, until: str | None, log: Log,
+                manifest: dict[str, Any]) -> None:
+    outputs: dict[str, dict[str, Any]] = {}
+    for st in p.stages:
+        stage = STAGE[st.name]
+        log(f"==> [{st.name}] {'running' if st.fresh else 'cached'} ({st.why}) fingerprint {st.fingerprint}")
+        if st.fresh and stage.needs_ray:
+            ray.ensure()
+        if st.fresh:
+            p.layout.store.clear_staging(st.name, st.fingerprint)
+        t0 = time.time()
+        run = StageRun(p, st, {u: outputs[u] for u in stage.upstream}, run_id)
+        replacing = p.layout.store.replacing(st.name, st.fingerprint) if st.status == "forced" \
+            else contextlib.nullcontext()
+        with replacing:
+            outputs[st.name] = stage.body(run)
+        manifest["stages"][st.name] = {"fingerprint": st.fingerprint, "status": "ran" if st.fresh else "hit",
+                                       "why": st.why, "seconds": round(time.time() - t0, 3),
+                                       "outputs": outputs[st.name]}
+        save_plan_state(p, completed=[st.name])
+        if st.name == until:
+            break
 
 
 def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: str | None = None,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the DAG (or its prefix up to `until`) and return the run manifest."""
-    from workflows.dag import STAGES
-
+                 log: Log | None = None) -> dict[str, Any]:
+    """Run the DAG (or its prefix up to `until`) and return the run manifest. A Ray this call
+    starts is shut down at the end; one it found running is left running."""
+    log = log or _stderr
     layout = Layout.of(config)
     layout.store.check(write=True)  # an unusable bucket fails here, naming the URI, before any stage
-    stages = {s.name: s for s in STAGES}
-    with work_lock(layout.work):
+    with work_lock(layout.work), ray_session(config, log) as ray:
         p = plan(config, force_from=force_from)  # under the lock: another run may have finished stages
-        ctx = RunContext(config, p, new_run_id())
-        if log:
-            ctx.log = log
-        run_dir = p.layout.runs / ctx.run_id
-        manifest: dict[str, Any] = {"run_id": ctx.run_id, "loraflow_version": __version__,
+        run_id = new_run_id()
+        run_dir = p.layout.runs / run_id
+        manifest: dict[str, Any] = {"run_id": run_id, "loraflow_version": __version__,
                                     "config_file": config.source_path, "started": time.time(), "stages": {}}
         try:
-            for st in p.stages:
-                fresh = st.status != "hit"
-                ctx.outputs[st.name] = {}
-                banner = "running" if fresh else "cached"
-                ctx.log(f"==> [{st.name}] {banner} ({st.why}) fingerprint {st.fingerprint}")
-                if fresh and stages[st.name].needs_ray:
-                    ensure_ray(ctx)
-                if fresh:
-                    p.layout.store.clear_staging(st.name, st.fingerprint)
-                t0 = time.time()
-                forced = st.status == "forced"
-                with p.layout.store.replacing(st.name, st.fingerprint) if forced else contextlib.nullcontext():
-                    ctx.outputs[st.name].update(STAGE_BODIES[st.name](ctx, st, fresh))
-                manifest["stages"][st.name] = {
-                    "fingerprint": st.fingerprint, "status": "ran" if fresh else "hit", "why": st.why,
-                    "seconds": round(time.time() - t0, 3),
-                    "outputs": {k: v for k, v in ctx.outputs[st.name].items() if k != "prepared"},
-                }
-                save_plan_state(p, completed=[st.name])
-                if st.name == until:
-                    break
+            _run_stages(p, run_id, ray, until, log, manifest)
         finally:
             manifest["finished"] = time.time()
-            manifest["ray_started"] = ctx.ray_started
+            manifest["ray_started"] = ray.started
             atomic_write_json(run_dir / "manifest.json", manifest)
-            if ctx.ray_started:
-                import ray
-
-                ray.shutdown()
-    try:
-        from workflows.report import write_report
-
-        manifest["report"] = str(write_report(run_dir, manifest))
-        atomic_write_json(run_dir / "manifest.json", manifest)
-    except ImportError:
-        pass
+    manifest["report"] = str(write_report(run_dir, manifest))
+    atomic_write_json(run_dir / "manifest.json", manifest)
     return manifest
+
+
+def evaluate_adapter(config: PipelineConfig, adapter: str, log: Log | None = None) -> dict[str, Any]:
+    """`loraflow evaluate --adapter`: score any adapter (a folder, URI or registry reference) against
+    the base and the champion on the config's prepared eval rows (prepare runs first if not cached)."""
+    from workflows.evaluate.stage import run_evaluate
+
+    resolved = resolve_adapter(adapter, config.registry.root)
+    with ray_session(config, log or _stderr, start=True):  # one session for prepare and evaluate
+        manifest = run_pipeline(config, until="prepare", log=log)
+        prepared = PreparedData.load(manifest["stages"]["prepare"]["outputs"]["dir"])
+        key = fingerprint(resolved.token, config.section("eval"), new_run_id())
+        out = Layout.of(config).work / "evaluate" / f"adhoc-{key}"
+        result = run_evaluate(config, prepared, AdapterFiles.read(resolved.location, resolved.ref), out,
+                              champion=champion_files(config))
+    return {"dir": str(out), "metrics": result.metrics}

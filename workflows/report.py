@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from workflows.artifacts import atomic_write_text
+from workflows.storage import read_text
 
 _METRIC_ORDER = ("loss", "perplexity", "token_accuracy", "exact_match", "match", "accuracy", "macro_f1", "rows")
 
 
 def _read_jsonl(location: str) -> list[dict[str, Any]]:
     """Rows of a JSONL file, a local path or a work-directory URI (`s3://...`); [] if it is missing."""
-    from workflows.storage import read_text
-
     text = read_text(location)
     if text is None:
         return []
@@ -31,7 +30,7 @@ def _plot(run_dir: Path, name: str, series: dict[str, tuple[list[float], list[fl
     series = {k: v for k, v in series.items() if v[0]}
     if not series:
         return None
-    import matplotlib
+    import matplotlib  # only when there is something to plot: it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -10,15 +10,16 @@ resumes, because the DAG itself resumes.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from workflows.artifacts import file_lock
 from workflows.config import PipelineConfig
-from workflows.dag import Layout, LockHeldError
+from workflows.dag import Layout
+from workflows.pipeline import run_pipeline
+from workflows.prepare.inputs import input_digest as digest_inputs
+from workflows.registry.sqlite import Registry
 
 
 @dataclass
@@ -35,27 +36,10 @@ class RetrainOutcome:
         return dict(self.__dict__)
 
 
-@contextlib.contextmanager
-def retrain_lock(work: Path, wait: bool) -> Iterator[None]:
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".retrain.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise LockHeldError(f"another `loraflow retrain` is running on {work} (lock {work / '.retrain.lock'}); "
-                                "pass --wait to queue behind it") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def champion_state(config: PipelineConfig) -> tuple[str | None, str | None]:
     """(champion ref, the input digest it was trained on), or (None, None) without a champion."""
-    from workflows.registry.sqlite import Registry
-
-    reg = Registry(config.registry.root)
-    version = reg.alias_version(config.registry.name, config.registry.alias)
+    reg = Registry.existing(config.registry.root)
+    version = reg.alias_version(config.registry.name, config.registry.alias) if reg else None
     if version is None:
         return None, None
     ref = f"{config.registry.name}:{version}"
@@ -65,17 +49,17 @@ def champion_state(config: PipelineConfig) -> tuple[str | None, str | None]:
 def retrain(config: PipelineConfig, warm_start: bool = False, wait: bool = False,
             log: Callable[[str], None] | None = None,
             input_digest: Callable[[PipelineConfig], str] | None = None) -> RetrainOutcome:
-    if input_digest is None:
-        from workflows.prepare.inputs import input_digest
-    with retrain_lock(Layout.of(config).work, wait=wait):
+    input_digest = input_digest or digest_inputs
+    work = Layout.of(config).work
+    held = (f"another `loraflow retrain` is running on {work} (lock {work / '.retrain.lock'}); "
+            "pass --wait to queue behind it")
+    with file_lock(work / ".retrain.lock", wait, held):
         digest = input_digest(config)
         champion, champion_digest = champion_state(config)
         if champion is not None and champion_digest == digest:
             return RetrainOutcome("no-change", digest, champion, champion)
         if warm_start and champion is not None:
             config.train.init_adapter = f"{config.registry.name}@{config.registry.alias}"
-        from workflows.pipeline import run_pipeline
-
         manifest = run_pipeline(config, log=log)
     decision = manifest["stages"]["register"]["outputs"].get("decision") or {}
     after, _ = champion_state(config)

@@ -31,7 +31,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from workflows.artifacts import SUCCESS, atomic_write_json, atomic_write_text, cache_root, is_complete
+from workflows.artifacts import (
+    SUCCESS,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    cache_root,
+    is_complete,
+    is_uri,
+)
 from workflows.config import ConfigError
 
 _CHUNK = 8 << 20
@@ -40,10 +48,6 @@ _UPLOAD_THREADS = 8
 
 class StorageError(ConfigError):
     """The work directory's store cannot be used: no such bucket, endpoint unreachable, no credentials."""
-
-
-def is_uri(location: str | Path) -> bool:
-    return "://" in str(location)
 
 
 def join(location: str | Path, *parts: str) -> str:
@@ -141,11 +145,15 @@ def download_file(fs: pafs.FileSystem, src: str, dst: Path) -> None:
         shutil.copyfileobj(f, out, _CHUNK)
 
 
+def list_files(fs: pafs.FileSystem, root: str) -> dict[str, int]:
+    """{relative POSIX path: size} of every file below `root` ({} when it does not exist)."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path[len(root.rstrip("/")) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
 def download_dir(fs: pafs.FileSystem, src: str, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Every file below `src` into `dst`; returns the relative paths copied."""
-    infos = fs.get_file_info(pafs.FileSelector(src, recursive=True, allow_not_found=True))
-    rels = sorted(i.path[len(src) + 1:] for i in infos if i.type == pafs.FileType.File)
-    rels = [r for r in rels if r not in skip]
+    rels = sorted(r for r in list_files(fs, src) if r not in skip)
     with ThreadPoolExecutor(_UPLOAD_THREADS) as pool:
         list(pool.map(lambda r: download_file(fs, f"{src}/{r}", dst / r), rels))
     return rels
@@ -299,14 +307,7 @@ class WorkStore:
         cached = local / SUCCESS
         if cached.is_file() and cached.read_bytes() == marker:
             return local
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.parent / f".{local.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with atomic_dir(local, replace=True) as tmp:
             download_dir(self.fs, src, tmp, skip=(SUCCESS,))
             (tmp / SUCCESS).write_bytes(marker)
-            shutil.rmtree(local, ignore_errors=True)
-            os.rename(tmp, local)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return local

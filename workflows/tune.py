@@ -20,16 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 from workflows import storage
+from workflows.adapters import AdapterFiles
 from workflows.config import PipelineConfig, apply_overrides, config_from_dict
 from workflows.dag import Layout, Plan, plan
+from workflows.pipeline import ray_session, run_pipeline
+from workflows.prepared import PreparedData
+from workflows.train.stage import build_trainer, commit_run
 
 _TUNE_RESULT_KEYS = ("eval_loss", "loss", "step", "tokens_per_s")
 
 
 def _distribution(spec: dict[str, list[Any]]):
-    from ray import tune
-
     (kind, args), = spec.items()
     if kind == "choice":
         return tune.choice(args)
@@ -51,8 +58,6 @@ def config_with(config: PipelineConfig, params: dict[str, Any]) -> PipelineConfi
 
 
 def _yaml_scalar(value: Any) -> str:
-    import yaml
-
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
@@ -72,22 +77,17 @@ def _trial_run_name(trial_id: str) -> str:
 
 
 def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str | None, prepared_dir: str,
-           storage_path: str) -> None:
+           storage_path: str, init_adapter: AdapterFiles | None) -> None:
     """One Tune trial = one Ray Train run. Module-level so it pickles by reference.
 
-    `prepared_dir` and `storage_path` (the sweep's `trials/`) are local paths or URIs.
+    `prepared_dir` and `storage_path` (the sweep's `trials/`) are local paths or URIs; a warm-start
+    adapter travels as its files.
     """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from workflows.prepared import PreparedData
-    from workflows.train.stage import build_trainer
-
     base = config_from_dict(config_dict, origin="tune", source_path=source_path)
     cfg = config_with(base, params)
     run_name = _trial_run_name(tune.get_context().get_trial_id())
     trainer = build_trainer(cfg, PreparedData.load(prepared_dir), storage_path, run_name,
-                            callbacks=[TuneReportCallback()])
+                            init_adapter=init_adapter, callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
@@ -99,12 +99,10 @@ class TuneOutcome:
     trials: list[dict[str, Any]]
 
 
-def run_tune(config: PipelineConfig, prepared_dir: str, storage_path: str, name: str) -> TuneOutcome:
+def run_tune(config: PipelineConfig, prepared_dir: str, storage_path: str, name: str,
+             init_adapter: AdapterFiles | None = None) -> TuneOutcome:
     """Sweep `config.tune` over the prepared data at `prepared_dir`, keeping Tune's state and the
     trials' Ray Train runs under `storage_path` (local paths or URIs)."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     tc = config.tune
     assert tc is not None, "config has no tune section"
     space = {key: _distribution(spec) for key, spec in tc.search_space.items()}
@@ -114,7 +112,7 @@ def run_tune(config: PipelineConfig, prepared_dir: str, storage_path: str, name:
     trainable = tune.with_resources(
         tune.with_parameters(_trial, config_dict=config.model_dump(mode="json", exclude={"tune"}),
                              source_path=config.source_path, prepared_dir=prepared_dir,
-                             storage_path=storage.join(storage_path, "trials")),
+                             storage_path=storage.join(storage_path, "trials"), init_adapter=init_adapter),
         # Next to nothing: the trial only drives its trainer, whose workers (and Ray Data) need the
         # CPUs. Tune refuses an empty request, hence a token fraction rather than 0.
         {"CPU": 0.01})
@@ -150,8 +148,6 @@ def commit_best_trial(p: Plan, run_dir: str) -> None:
     """Commit a finished trial's Ray Train run (`run_dir`) as plan `p`'s train stage output, the way
     the train stage body does: into the local stage directory, then published to the work
     directory's store (for a local work directory that directory is the output; publish does nothing)."""
-    from workflows.train.stage import commit_run
-
     st, store = p["train"], p.layout.store
     store.clear_staging(st.name, st.fingerprint)
     commit_run(st.dir, run_dir)
@@ -161,24 +157,17 @@ def commit_best_trial(p: Plan, run_dir: str) -> None:
 def tune_then_run(config: PipelineConfig, log=print) -> dict[str, Any]:
     """Prepare (cached), sweep, commit the best trial as the best config's train output, then run
     the DAG on the best config: train is a hit, evaluate and register run."""
-    import ray
-
-    from workflows.pipeline import run_pipeline, start_ray
-
-    started = start_ray(config, log)
-    try:
+    with ray_session(config, log, start=True):
         run_pipeline(config, until="prepare", log=log)
         p = plan(config)
+        init = p.adapters.get("init_adapter")
         outcome = run_tune(config, p["prepare"].uri, sweep_storage(p.layout),
-                           name=f"tune-{p['prepare'].fingerprint}")
+                           name=f"tune-{p['prepare'].fingerprint}", init_adapter=init.files() if init else None)
         best_config = config_with(config, outcome.best_params)
         best_plan = plan(best_config)
         if best_plan["train"].status != "hit":
             commit_best_trial(best_plan, outcome.best_run_dir)
         manifest = run_pipeline(best_config, log=log)
-    finally:
-        if started:
-            ray.shutdown()
     manifest["tune"] = {"best_params": outcome.best_params, "best_metric": outcome.best_metric,
                         "trials": outcome.trials}
     return copy.deepcopy(manifest)

@@ -4,6 +4,7 @@ single-process reference computed here, one example at a time, with freshly load
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -15,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from lora_core import LoraConfig, adapter_parameters, apply_lora, load_adapter, save_adapter
+from workflows.adapters import AdapterFiles
 from workflows.config import config_from_dict
 from workflows.evaluate.generation import normalized_match
 from workflows.evaluate.stage import RowCountError, run_evaluate, split_by_model
 from workflows.models import load_base, load_tokenizer
 from workflows.prepared import PreparedData
+from workflows.registry.references import champion_for
 from workflows.registry.sqlite import Registry
 
 SHARD_SIZES = (9, 7, 7)  # 23 rows: not a multiple of the batch size (4) nor of the actor count (2)
@@ -60,7 +63,7 @@ def _write_prepared(root: Path, rows: list[dict], schema: pa.Schema, manifest: d
 def causal_prepared(root: Path, gsm8k: Path) -> PreparedData:
     tok = load_tokenizer("tiny-llama")
     rows = []
-    for line in gsm8k.read_text().splitlines()[: sum(SHARD_SIZES)]:
+    for line in gzip.open(gsm8k, "rt").read().splitlines()[: sum(SHARD_SIZES)]:
         ex = json.loads(line)
         prompt = tok(ex["question"], add_special_tokens=False)["input_ids"][:24]
         answer = tok(" " + ex["answer"], add_special_tokens=False)["input_ids"][:12] + [tok.eos_token_id]
@@ -76,10 +79,10 @@ def causal_prepared(root: Path, gsm8k: Path) -> PreparedData:
 
 
 @pytest.fixture(scope="module")
-def causal_run(ray_session, tmp_path_factory, shared_data):
+def causal_run(ray_session, tmp_path_factory, example_data):
     """One evaluation with 2 actors scoring base, new and a champion of another rank and targets."""
     tmp = tmp_path_factory.mktemp("eval_causal")
-    prepared = causal_prepared(tmp / "prepared", shared_data / "gsm8k" / "test.jsonl")
+    prepared = causal_prepared(tmp / "prepared", example_data / "gsm8k" / "test.jsonl.gz")
     new = make_adapter("tiny-llama", tmp / "new", seed=1, r=8, alpha=16, target_modules=["q_proj", "v_proj", "up_proj"])
     old = make_adapter("tiny-llama", tmp / "old", seed=2, r=4, alpha=4, target_modules=["k_proj", "o_proj"])
     registry = Registry(tmp / "registry")
@@ -90,7 +93,9 @@ def causal_run(ray_session, tmp_path_factory, shared_data):
                  "generation": {"num_prompts": GEN_PROMPTS, "max_new_tokens": GEN_TOKENS, "batch_size": 2,
                                 "match": "gsm8k"}},
         "registry": {"root": str(tmp / "registry"), "name": "demo"}})
-    result = run_evaluate(config, prepared, new, tmp / "evaluate", registry=registry)
+    champion = champion_for(config, train_fingerprint=None)
+    assert champion is not None and champion.ref == "demo:1"
+    result = run_evaluate(config, prepared, AdapterFiles.read(new), tmp / "evaluate", champion=champion.files())
     table = pq.read_table(result.per_example).to_pylist()
     return {"result": result, "rows": table, "prepared": prepared, "adapters": {"new": new, "champion": old}}
 
@@ -195,7 +200,7 @@ def test_metrics_json_reports_each_model_and_the_differences(causal_run):
 def classification_prepared(root: Path, banking: Path) -> tuple[PreparedData, list[str]]:
     tok = load_tokenizer("tiny-bert")
     names = json.loads((banking / "categories.json").read_text())
-    with open(banking / "test.csv", newline="") as f:
+    with gzip.open(banking / "test.csv.gz", "rt", newline="") as f:
         raw = [r for _, r in zip(range(sum(SHARD_SIZES)), csv.DictReader(f))]
     rows = [{"input_ids": tok(r["text"], truncation=True, max_length=32)["input_ids"],
              "label": names.index(r["category"]), "example_id": _example_id(r["text"]), "text": r["text"]}
@@ -207,14 +212,14 @@ def classification_prepared(root: Path, banking: Path) -> tuple[PreparedData, li
     return _write_prepared(root, rows, schema, manifest), names
 
 
-def test_classification_with_a_merged_adapter_agrees_with_the_reference(ray_session, tmp_path, shared_data):
-    prepared, names = classification_prepared(tmp_path / "prepared", shared_data / "banking77")
+def test_classification_with_a_merged_adapter_agrees_with_the_reference(ray_session, tmp_path, example_data):
+    prepared, names = classification_prepared(tmp_path / "prepared", example_data / "banking77")
     adapter = make_adapter("tiny-bert", tmp_path / "cls", seed=3, task="seq_cls", num_labels=len(names),
                            r=8, alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
     config = config_from_dict({"model": {"name": "tiny-bert", "task": "seq_cls"},
                                "data": {"source": "unused.csv", "format": "classification"},
                                "eval": {"actors": 1, "batch_size": 4, "compare_base": False, "bootstrap_samples": 0}})
-    metrics = run_evaluate(config, prepared, adapter, tmp_path / "evaluate").metrics
+    metrics = run_evaluate(config, prepared, AdapterFiles.read(adapter), tmp_path / "evaluate").metrics
     assert metrics["merged"] and set(metrics["models"]) == {"new"}
 
     model, _ = _fresh_model("tiny-bert", adapter, task="seq_cls", num_labels=len(names))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from workflows.evaluate.generation import (
     predict,
 )
 from workflows.models import load_base
+from workflows.registry.references import resolve_adapter
 from workflows.registry.sqlite import Registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,13 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 # -- answer matching ----------------------------------------------------------------------------
 
-def _gsm8k_answers(shared_data: Path, n: int = 50) -> list[str]:
-    lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:n]
+def _gsm8k_answers(example_data: Path, n: int = 50) -> list[str]:
+    lines = gzip.open(example_data / "gsm8k" / "test.jsonl.gz", "rt").read().splitlines()[:n]
     return [json.loads(line)["answer"] for line in lines]
 
 
-def test_gsm8k_references_match_themselves_and_not_a_different_final_number(shared_data):
-    for answer in _gsm8k_answers(shared_data):
+def test_gsm8k_references_match_themselves_and_not_a_different_final_number(example_data):
+    for answer in _gsm8k_answers(example_data):
         final = answer.rsplit("####", 1)[1].strip()
         assert normalized_match(answer, answer, "gsm8k")
         assert normalized_match(f"So the answer is {final}.", answer, "gsm8k")
@@ -103,7 +105,9 @@ def test_generate_takes_a_registry_reference_and_the_base_named_by_the_adapter(t
     adapter = make_adapter("tiny-llama", tmp_path / "a", seed=6, r=8, alpha=16, target_modules=["q_proj", "v_proj"])
     registry = Registry(tmp_path / "registry")
     registry.promote("demo", registry.register(adapter, "demo"), "champion", reason="test")
-    got = generate(None, "demo@champion", ["What is 2+2?"], max_new_tokens=5, registry=registry)
+    resolved = resolve_adapter("demo@champion", tmp_path / "registry")
+    assert resolved.ref == "demo:1"
+    got = generate(None, resolved.location, ["What is 2+2?"], max_new_tokens=5)
 
     model, tok = load_base("tiny-llama")
     load_adapter(model, adapter)

@@ -6,6 +6,7 @@ Each behaviour is checked on one short training run shared by the tests of its m
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import random
@@ -26,11 +27,11 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 @pytest.fixture(scope="module")
-def smollm2_run(shared_data):
+def smollm2_run(example_data):
     """Three AdamW steps of LoRA (r=8, all seven projections, dropout 0.05) on four GSM8K rows."""
     torch.manual_seed(0)
     model, tokenizer = load_base("smollm2-135m")
-    with open(shared_data / "gsm8k" / "train.jsonl") as f:
+    with gzip.open(example_data / "gsm8k" / "train.jsonl.gz", "rt") as f:
         rows = [json.loads(line) for _, line in zip(range(4), f)]
     batch = tokenizer([f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows], return_tensors="pt",
                       padding=True, truncation=True, max_length=64)
@@ -81,7 +82,7 @@ def test_disabling_the_trained_adapter_restores_the_base_loss(smollm2_run):
 
 
 def _banking77_slice(path, classes: list[str], per_class: int | None) -> list[tuple[str, int]]:
-    with open(path) as f:
+    with gzip.open(path, "rt", newline="") as f:
         rows = [(r["text"], classes.index(r["category"])) for r in csv.DictReader(f) if r["category"] in classes]
     random.Random(0).shuffle(rows)
     picked, counts = [], Counter()
@@ -92,12 +93,12 @@ def _banking77_slice(path, classes: list[str], per_class: int | None) -> list[tu
     return picked
 
 
-def test_minilm_lora_with_trainable_classifier_beats_chance_on_banking77(shared_data):
+def test_minilm_lora_with_trainable_classifier_beats_chance_on_banking77(example_data):
     """8 intents (chance 12.5%), 16 training rows each, 3 epochs: the seed's BERT-with-classifier."""
-    root = shared_data / "banking77"
+    root = example_data / "banking77"
     classes = json.loads((root / "categories.json").read_text())[:8]
-    train = _banking77_slice(root / "train.csv", classes, per_class=16)
-    test = _banking77_slice(root / "test.csv", classes, per_class=None)
+    train = _banking77_slice(root / "train.csv.gz", classes, per_class=16)
+    test = _banking77_slice(root / "test.csv.gz", classes, per_class=None)
     torch.manual_seed(0)
     model, tokenizer = load_base("minilm-l6", task="seq_cls", num_labels=len(classes))
     apply_lora(model, LoraConfig(r=8, alpha=16, dropout=0.05))  # query/value + classifier copy

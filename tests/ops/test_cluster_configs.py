@@ -2,7 +2,7 @@
 validation, every command and path they reference against the repository, and the local scripts
 against a real private cluster.
 
-The CRDs are data kept outside the repo: ../shared/kuberay-crds (override: LORAFLOW_KUBERAY_CRDS).
+The CRD schemas (KubeRay v1, Apache-2.0) lie beside the manifests: cluster/kuberay/crds/.
 """
 
 from __future__ import annotations
@@ -36,10 +36,7 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabyte
 
 
 def crd_dir() -> Path:
-    path = Path(os.environ.get("LORAFLOW_KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds"))
-    if not path.is_dir():
-        raise RuntimeError(f"KubeRay CRDs not found at {path}; set LORAFLOW_KUBERAY_CRDS")
-    return path
+    return REPO / "cluster" / "kuberay" / "crds"
 
 
 def closed(schema: dict) -> dict:

@@ -6,7 +6,6 @@ RAY_AUTH_MODE) and stopped by killing exactly its processes; nothing calls `ray 
 
 from __future__ import annotations
 
-import argparse
 import io
 import shlex
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from workflows.config import ConfigError
-from workflows.ops import jobs
+from workflows.ops import auth, jobs
 from workflows.ops.local_cluster import free_ports, private_head
 from workflows.ops.submission import UnreachableInputError, plan_submission
 
@@ -161,10 +160,9 @@ def test_invalid_config_fails_before_anything_is_submitted(project):
 def test_cmd_submit_prints_the_refusal_and_returns_2(project, head, capsys, monkeypatch):
     monkeypatch.chdir(project)
     write_config(project, {"data": {"source": "../data/nope.jsonl", "format": "instruction"}})
-    parser = argparse.ArgumentParser()
-    jobs.add_submit_arguments(parser)
-    args = parser.parse_args(["configs/demo.yaml", "--address", head.dashboard_url, "--set", "train.lr=0.001"])
-    assert jobs.cmd_submit(args) == 2
+    from workflows.cli import main
+
+    assert main(["submit", "configs/demo.yaml", "--address", head.dashboard_url, "--set", "train.lr=0.001"]) == 2
     assert "data.source: ../data/nope.jsonl does not exist" in capsys.readouterr().err
 
 
@@ -186,13 +184,13 @@ def test_the_token_file_is_sent_unless_auth_is_disabled(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     env = {"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(token)}
-    assert jobs.auth_headers(env) == {"Authorization": "Bearer s3cret"}
-    assert jobs.auth_headers({**env, "RAY_AUTH_MODE": "disabled"}) == {}
+    assert auth.auth_headers(env) == {"Authorization": "Bearer s3cret"}
+    assert auth.auth_headers({**env, "RAY_AUTH_MODE": "disabled"}) == {}
 
 
 def test_token_mode_without_a_token_is_a_clear_error(tmp_path):
-    with pytest.raises(jobs.JobsError, match="RAY_AUTH_MODE=token but no Ray auth token"):
-        jobs.auth_headers({"HOME": str(tmp_path), "RAY_AUTH_MODE": "token"})
+    with pytest.raises(auth.AuthError, match="RAY_AUTH_MODE=token but no Ray auth token"):
+        auth.auth_headers({"HOME": str(tmp_path), "RAY_AUTH_MODE": "token"})
 
 
 def test_an_address_without_a_job_server_is_a_clear_error():
@@ -234,9 +232,9 @@ def test_a_stopped_job_has_its_own_exit_code(head):
 
 def test_cmd_jobs_status_prints_the_outcome_and_returns_its_exit_code(head, capsys):
     outcome = jobs.submit_entrypoint("python -c 'import sys; sys.exit(5)'", head.dashboard_url, out=io.StringIO())
-    parser = argparse.ArgumentParser()
-    jobs.add_jobs_arguments(parser)
-    code = jobs.cmd_jobs(parser.parse_args(["status", outcome.job_id, "--address", head.dashboard_url]))
+    from workflows.cli import main
+
+    code = main(["jobs", "status", outcome.job_id, "--address", head.dashboard_url])
     assert code == 5
     assert f"{outcome.job_id} FAILED (exit code 5)" in capsys.readouterr().out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
 import threading
@@ -41,22 +42,22 @@ def trained_runs(labels):
 
 
 @pytest.fixture(scope="module")
-def gsm8k(ray_session, shared_data, tmp_path_factory):
-    cfg = make_config(shared_data / "gsm8k" / "train.jsonl", "instruction", fields=GSM8K_FIELDS,
+def gsm8k(ray_session, example_data, tmp_path_factory):
+    cfg = make_config(example_data / "gsm8k" / "train.jsonl.gz", "instruction", fields=GSM8K_FIELDS,
                       max_rows=200, max_seq_len=1024, eval_fraction=0.2, tokenize_actors=2)
     return cfg, run_prepare(cfg, tmp_path_factory.mktemp("gsm8k") / "prepared")
 
 
 @pytest.fixture(scope="module")
-def sgd(ray_session, shared_data, tmp_path_factory):
-    cfg = make_config(shared_data / "sgd-dialogues" / "messages_train.jsonl", "chat",
+def sgd(ray_session, example_data, tmp_path_factory):
+    cfg = make_config(example_data / "sgd-dialogues" / "messages_train.jsonl.gz", "chat",
                       max_rows=80, max_seq_len=1024, eval_fraction=0.3)
     return cfg, run_prepare(cfg, tmp_path_factory.mktemp("sgd") / "prepared")
 
 
 @pytest.fixture(scope="module")
-def banking(ray_session, shared_data, tmp_path_factory):
-    cfg = make_config(shared_data / "banking77" / "train.csv", "classification", model="tiny-bert",
+def banking(ray_session, example_data, tmp_path_factory):
+    cfg = make_config(example_data / "banking77" / "train.csv.gz", "classification", model="tiny-bert",
                       fields={"label": "category"}, max_rows=600, max_seq_len=64, eval_fraction=0.2)
     return cfg, run_prepare(cfg, tmp_path_factory.mktemp("banking") / "prepared")
 
@@ -172,10 +173,10 @@ def test_load_refuses_an_incomplete_directory(tmp_path):
 
 # ----------------------------------------------------------------------------- chat (SGD)
 
-def test_chat_labels_are_exactly_the_assistant_turns(sgd, shared_data, tok):
+def test_chat_labels_are_exactly_the_assistant_turns(sgd, example_data, tok):
     cfg, prepared = sgd
     by_id = {}
-    with open(shared_data / "sgd-dialogues" / "messages_train.jsonl") as f:
+    with gzip.open(example_data / "sgd-dialogues" / "messages_train.jsonl.gz", "rt") as f:
         for line in itertools.islice(f, cfg.data.max_rows):
             ex = canonical_example(json.loads(line), "chat", {})
             by_id[example_id(ex)] = ex["messages"]
@@ -195,13 +196,13 @@ def test_chat_eval_prompt_ends_where_the_last_assistant_turn_starts(sgd, tok):
 
 # ----------------------------------------------------------------------------- classification (Banking77)
 
-def test_classification_label_ids_follow_the_saved_vocabulary(banking, shared_data):
+def test_classification_label_ids_follow_the_saved_vocabulary(banking, example_data):
     import csv
 
     _, prepared = banking
     names = prepared.manifest["label_names"]
     assert names == sorted(names) and len(names) == len(set(names))
-    with open(shared_data / "banking77" / "train.csv", newline="") as f:
+    with gzip.open(example_data / "banking77" / "train.csv.gz", "rt", newline="") as f:
         truth = {r["text"]: r["category"] for r in itertools.islice(csv.DictReader(f), 600)}
     evals = rows(prepared.eval_files)
     assert evals and all(names[r["label"]] == truth[r["text"]] for r in evals)
@@ -215,10 +216,10 @@ def test_classification_rows_are_tokenized_with_special_tokens(banking):
         assert r["input_ids"][0] == tok.cls_token_id and r["input_ids"][-1] == tok.sep_token_id
 
 
-def test_hf_dataset_source_with_a_parquet_eval_source_and_an_eval_cap(ray_session, shared_data, tmp_path):
+def test_hf_dataset_source_with_a_parquet_eval_source_and_an_eval_cap(ray_session, example_data, tmp_path):
     import datasets
 
-    lines = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()
+    lines = gzip.open(example_data / "gsm8k" / "train.jsonl.gz", "rt").read().splitlines()
     datasets.Dataset.from_list([json.loads(x) for x in lines[:40]]).save_to_disk(str(tmp_path / "hf"))
     datasets.Dataset.from_list([json.loads(x) for x in lines[40:60]]).to_parquet(str(tmp_path / "eval.parquet"))
     cfg = make_config(f"hf:{tmp_path / 'hf'}", "instruction", fields=GSM8K_FIELDS, max_seq_len=1024,

@@ -14,7 +14,8 @@ from safetensors.numpy import save_file
 
 from workflows.artifacts import sha256_file
 from workflows.registry.base import AliasConflict, Ref, RegistryError, RegistryIntegrityError
-from workflows.registry.sqlite import Registry, resolve_adapter
+from workflows.registry.references import resolve_adapter
+from workflows.registry.sqlite import Registry
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -143,8 +144,10 @@ def test_references_resolve_by_version_and_alias(registry, adapters):
         registry.register(a, "demo")
     registry.promote("demo", 2, "staging", reason="manual")
     assert registry.resolve("demo@staging") == registry.resolve("demo:2")
-    assert resolve_adapter("demo@staging", registry) == registry.resolve("demo:2")
-    assert resolve_adapter(adapters[0]) == adapters[0]  # a plain directory passes through
+    pinned = resolve_adapter("demo@staging", registry.root)
+    assert (pinned.ref, pinned.location) == ("demo:2", str(registry.resolve("demo:2")))
+    assert pinned.content_sha256 == registry.get("demo:2").content_sha256
+    assert resolve_adapter(str(adapters[0]), registry.root).location == str(adapters[0].resolve())  # a folder as is
     with pytest.raises(RegistryError, match="no version of 'demo' holds alias 'champion'"):
         registry.resolve("demo@champion")
     with pytest.raises(RegistryError, match="demo:9: not in the registry"):

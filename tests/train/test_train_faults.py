@@ -91,11 +91,11 @@ def train_in_thread(config, prepared, work: Path, run_name: str) -> tuple[thread
 
 
 @pytest.fixture(scope="module")
-def sigkilled(ray_session, shared_data, session_tmp, tmp_path_factory):
+def sigkilled(ray_session, example_data, session_tmp, tmp_path_factory):
     """A bf16-compressed run whose second train worker is SIGKILLed after a registered checkpoint."""
-    prepared = prepared_gsm8k(shared_data, session_tmp)
+    prepared = prepared_gsm8k(example_data, session_tmp)
     work = tmp_path_factory.mktemp("sigkill")
-    config = gsm8k_config(shared_data, **FAULT_TRAIN, grad_compression="bf16")
+    config = gsm8k_config(example_data, **FAULT_TRAIN, grad_compression="bf16")
     me = psutil.Process()
     before = set(train_worker_pids(me))
     thread, outcome = train_in_thread(config, prepared, work, "sigkill-a0")
@@ -131,8 +131,8 @@ def test_bf16_gradient_compression_halves_the_allreduced_bytes(sigkilled):
 
 
 def test_losing_the_node_of_a_worker_restarts_the_group_on_another_node(
-        ray_session, shared_data, session_tmp, tmp_path):
-    prepared = prepared_gsm8k(shared_data, session_tmp)  # prepared once, in the session's cluster
+        ray_session, example_data, session_tmp, tmp_path):
+    prepared = prepared_gsm8k(example_data, session_tmp)  # prepared once, in the session's cluster
     out = tmp_path / "outcome.json"
     proc = subprocess.run([sys.executable, __file__, str(tmp_path), str(out)],
                           capture_output=True, text=True,
@@ -157,7 +157,7 @@ def _multinode_main(work: Path, out: Path) -> None:
 
     from workflows.prepare.stage import run_prepare
 
-    shared_data = Path(os.environ.get("LORAFLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+    example_data = REPO / "data"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
@@ -165,10 +165,10 @@ def _multinode_main(work: Path, out: Path) -> None:
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         ray.data.DataContext.get_current().enable_progress_bars = False
-        prepared = run_prepare(gsm8k_config(shared_data), work / "prepared")
+        prepared = run_prepare(gsm8k_config(example_data), work / "prepared")
         # Half a CPU per worker leaves a CPU free after the loss: Ray must re-run the read task of
         # the data blocks that lived in the lost node's object store, and that task needs a CPU.
-        config = gsm8k_config(shared_data, **FAULT_TRAIN, cpus_per_worker=0.5)
+        config = gsm8k_config(example_data, **FAULT_TRAIN, cpus_per_worker=0.5)
         thread, outcome = train_in_thread(config, prepared, work, "multinode-a0")
         checkpoint_step = wait_for_registered_checkpoint(work / "ray_train" / "multinode-a0", thread)
         raylets = {n: psutil.Process(n.all_processes["raylet"][0].process.pid) for n in nodes}

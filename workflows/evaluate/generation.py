@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
+
+from lora_core import load_adapter
+from workflows.models import load_base
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
@@ -104,8 +108,6 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]]
     a prompt's continuation does not depend on its batch mates. Each continuation stops at the
     first EOS (which is dropped) or after `max_new_tokens` tokens.
     """
-    from transformers import GenerationConfig
-
     if any(len(p) == 0 for p in prompts):
         raise ValueError("cannot generate from an empty prompt")
     eos = eos_token_ids(model, tokenizer)
@@ -149,12 +151,12 @@ def _model_name(model_name: str | None, meta: dict[str, Any]) -> str:
     return name
 
 
-def _load(model_name: str | None, adapter: str | Path | None, registry: Any, **base_kwargs):
-    from lora_core import load_adapter
-    from workflows.models import load_base
-    from workflows.registry.sqlite import resolve_adapter
+def default_device() -> str:
+    """"cuda" when this process sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    adapter_dir = resolve_adapter(adapter, registry) if adapter is not None else None
+
+def _load(model_name: str | None, adapter_dir: Path | None, **base_kwargs):
     meta = _adapter_meta(adapter_dir)
     model, tokenizer = load_base(_model_name(model_name, meta), **base_kwargs)
     if adapter_dir is not None:
@@ -187,16 +189,16 @@ class _CallbackStreamer:
         pass
 
 
-def generate(model_name: str | None, adapter: str | Path | None, prompts: Sequence[str],
+def generate(model_name: str | None, adapter_dir: str | Path | None, prompts: Sequence[str],
              max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None,
-             system_prompt: str | None = None, registry: Any = None, batch_size: int = 8) -> list[str]:
-    """Greedy answers to chat prompts from a base model plus an optional adapter.
+             system_prompt: str | None = None, batch_size: int = 8, device: str | None = None) -> list[str]:
+    """Greedy answers to chat prompts from a base model plus an optional adapter folder.
 
-    `adapter` is a directory or a registry reference (`name@champion`, `name:3`); `model_name`
-    defaults to the base recorded in the adapter's loraflow.json. With `on_token`, text is streamed
-    as it is produced (prompts then run one at a time).
+    `model_name` defaults to the base recorded in the adapter's loraflow.json. With `on_token`,
+    text is streamed as it is produced (prompts then run one at a time).
     """
-    model, tokenizer, _ = _load(model_name, adapter, registry)
+    model, tokenizer, _ = _load(model_name, Path(adapter_dir) if adapter_dir else None,
+                                device=device or default_device())
     ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in prompts]
     if on_token is None:
         outs = greedy_generate(model, tokenizer, ids, max_new_tokens, batch_size=batch_size)
@@ -216,23 +218,23 @@ def label_names_of(adapter_dir: Path) -> list[str] | None:
 
 
 @torch.inference_mode()
-def predict(model_name: str | None, adapter: str | Path, texts: Sequence[str],
-            label_names: Sequence[str] | None = None, registry: Any = None,
-            max_length: int = 512) -> list[dict[str, Any]]:
+def predict(model_name: str | None, adapter_dir: str | Path, texts: Sequence[str],
+            label_names: Sequence[str] | None = None, max_length: int = 512,
+            device: str | None = None) -> list[dict[str, Any]]:
     """Classify texts with a sequence-classification adapter.
 
     Returns one `{"text", "label", "label_id", "score"}` per text (`score` = softmax probability of
     the predicted class). Label names come from `label_names` or the adapter's loraflow.json.
     """
-    from workflows.registry.sqlite import resolve_adapter
-
-    adapter_dir = resolve_adapter(adapter, registry)
+    adapter_dir = Path(adapter_dir)
     names = list(label_names) if label_names else label_names_of(adapter_dir)
     if not names:
         raise ValueError(f"{adapter_dir / 'loraflow.json'} has no label_names; pass label_names explicitly")
-    model, tokenizer, _ = _load(model_name, adapter_dir, registry, task="seq_cls", num_labels=len(names))
+    device = device or default_device()
+    model, tokenizer, _ = _load(model_name, adapter_dir, task="seq_cls", num_labels=len(names), device=device)
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    probs = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1)
+    probs = model(input_ids=enc["input_ids"].to(device),
+                  attention_mask=enc["attention_mask"].to(device)).logits.float().softmax(-1).cpu()
     score, pred = probs.max(-1)
     return [{"text": t, "label": names[i], "label_id": i, "score": s}
             for t, i, s in zip(texts, pred.tolist(), score.tolist())]

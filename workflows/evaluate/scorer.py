@@ -12,7 +12,9 @@ Output: one row per (example, model) with the sums from which every aggregate is
     causal:   example_id, model, loss_sum (float64, nats), tokens, correct_tokens,
               generated (bool), prediction (str), exact_match (bool), normalized_match (bool)
     seq_cls:  example_id, model, label, pred, loss (float64, nats), correct (bool)
-    both:     actor (str), base_loads (int: how many times this actor loaded the base; always 1)
+    both:     tokens_in (the row's tokens), padded_to (the width of the forward it was in), actor (str),
+              base_loads (int: how many times this actor loaded the base; always 1), gpus (float: the
+              GPUs Ray assigned the actor)
 """
 
 from __future__ import annotations
@@ -20,28 +22,36 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 
+import lora_core
+from workflows.adapters import AdapterFiles
 from workflows.collate import IGNORE_INDEX, collator_for
+from workflows.evaluate.generation import exact_match, greedy_generate, normalized_match
+from workflows.models import load_base
 
 BASE, NEW, CHAMPION = "base", "new", "champion"
 
 
 @dataclass(frozen=True)
 class ScorerSpec:
-    """Everything an actor needs, picklable. `adapters` maps a model key ("new", "champion") to an
-    adapter directory; "base" is scored when `score_base`."""
+    """Everything an actor needs, picklable. `adapters` maps a model key ("new", "champion") to the
+    adapter's files (they travel with the spec; no actor opens a driver path); "base" is scored
+    when `score_base`."""
 
     model_name: str
     task: str  # "causal_lm" | "seq_cls"
     manifest: dict[str, Any]
-    adapters: dict[str, str]
+    adapters: dict[str, AdapterFiles]
     score_base: bool = True
     dtype: str = "float32"
     num_labels: int | None = None
@@ -51,6 +61,8 @@ class ScorerSpec:
     max_new_tokens: int = 64
     generation_batch_size: int = 8
     match: str = "exact"
+    batch_size: int = 8  # rows per forward; a call's rows are sorted by length and cut into these
+    gpus: float = 0.0  # GPUs this actor requests (the model goes on its GPU when it has one)
 
     @property
     def models(self) -> list[str]:
@@ -66,22 +78,23 @@ class EvalScorer:
     """Callable class for `Dataset.map_batches(..., compute=ActorPoolStrategy(size=n))`."""
 
     def __init__(self, spec: ScorerSpec):
-        import lora_core
-        from workflows.models import load_base
-
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.actor = uuid.uuid4().hex[:12]
         # Seeded: a seq_cls base gets a fresh head, and every actor must build the same one.
         torch.manual_seed(0)
+        self.resources = ray.get_runtime_context().get_assigned_resources()
+        self.device = torch.device("cuda" if spec.gpus and torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_base(spec.model_name, task=spec.task, num_labels=spec.num_labels,
-                                               dtype=spec.dtype)
+                                               dtype=spec.dtype, device=str(self.device))
         self.base_loads = 1
         self.collate = collator_for(spec.manifest, "eval")
         self.loaded: str | None = None
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        self._lora = lora_core
+        # Each adapter's files, written once into this actor's own temp folder.
+        self._folders = tempfile.TemporaryDirectory(prefix="loraflow-eval-")
+        self.adapter_dirs = {key: files.write(Path(self._folders.name) / key) for key, files in spec.adapters.items()}
         if spec.adapters:
             self._swap_to(next(iter(spec.adapters)))
         if spec.merged:
@@ -93,9 +106,9 @@ class EvalScorer:
         if self.loaded == key:
             return
         if self.loaded is not None:
-            self._lora.remove_lora(self.model)
+            lora_core.remove_lora(self.model)
             self.loaded = None
-        self._lora.load_adapter(self.model, self.spec.adapters[key])
+        lora_core.load_adapter(self.model, self.adapter_dirs[key])
         self.loaded = key
 
     def _order(self) -> list[str]:
@@ -107,7 +120,7 @@ class EvalScorer:
     @contextlib.contextmanager
     def _active(self, key: str):
         if key == BASE:
-            with self._lora.disable_adapter(self.model) if self.loaded else contextlib.nullcontext():
+            with lora_core.disable_adapter(self.model) if self.loaded else contextlib.nullcontext():
                 yield
         else:
             self._swap_to(key)
@@ -116,23 +129,33 @@ class EvalScorer:
     # -- scoring -----------------------------------------------------------------------------
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tensors = self.collate(batch)
-        ids = [str(x) for x in batch["example_id"]]
+        """Every model's rows for `batch`. Rows are sorted by length and scored `batch_size` at a time,
+        so each forward pads to its own longest row and little else (order does not matter here)."""
+        ids = np.array([str(x) for x in batch["example_id"]], dtype=object)
+        lengths = np.array([len(x) for x in batch["input_ids"]])
+        order = np.argsort(lengths, kind="stable")
+        chunks = [order[i:i + self.spec.batch_size] for i in range(0, len(order), self.spec.batch_size)]
         parts = []
         for key in self._order():
             with self._active(key):
-                scored = self._score_causal(tensors, batch, ids) if self.spec.task == "causal_lm" \
-                    else self._score_classes(tensors)
-            parts.append({"example_id": np.array(ids, dtype=object), "model": np.array([key] * len(ids), dtype=object),
-                          **scored})
+                for rows in chunks:
+                    sub = {name: column[rows] for name, column in batch.items()}
+                    tensors = {k: v.to(self.device) for k, v in self.collate(sub).items()}
+                    scored = self._score_causal(tensors) if self.spec.task == "causal_lm" else self._score_classes(tensors)
+                    width = tensors["input_ids"].shape[1]
+                    parts.append({"example_id": ids[rows], "model": np.full(len(rows), key, dtype=object),
+                                  "tokens_in": lengths[rows], "padded_to": np.full(len(rows), width), **scored})
+                if self.spec.task == "causal_lm":
+                    parts[-len(chunks):] = self._with_generation(batch, order, parts[-len(chunks):])
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         n = len(out["model"])
-        out["actor"] = np.array([self.actor] * n, dtype=object)
+        out["actor"] = np.full(n, self.actor, dtype=object)
         out["base_loads"] = np.full(n, self.base_loads, dtype=np.int32)
+        out["gpus"] = np.full(n, float(self.resources.get("GPU", 0.0)))
         return out
 
     @torch.inference_mode()
-    def _score_causal(self, t: dict[str, torch.Tensor], batch: dict[str, np.ndarray], ids: list[str]) -> dict:
+    def _score_causal(self, t: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         targets = t["labels"][:, 1:]
         mask = targets != IGNORE_INDEX
         # Only positions that predict a label need the vocabulary projection (for the demo's
@@ -149,27 +172,31 @@ class EvalScorer:
         nll = F.cross_entropy(shifted.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                               reduction="none").view_as(targets)
         correct = (shifted.argmax(-1) == targets) & mask
-        out = {"loss_sum": nll.double().sum(1).numpy(), "tokens": mask.sum(1).numpy().astype(np.int64),
-               "correct_tokens": correct.sum(1).numpy().astype(np.int64)}
-        out.update(self._generate(batch, ids))
-        return out
+        return {"loss_sum": nll.double().sum(1).cpu().numpy(), "tokens": mask.sum(1).cpu().numpy().astype(np.int64),
+                "correct_tokens": correct.sum(1).cpu().numpy().astype(np.int64)}
 
-    def _generate(self, batch: dict[str, np.ndarray], ids: list[str]) -> dict[str, np.ndarray]:
-        from workflows.evaluate.generation import exact_match, greedy_generate, normalized_match
-
-        n = len(ids)
-        chosen = [i for i, e in enumerate(ids) if e in self.spec.generate_ids]
-        generated, prediction = np.zeros(n, dtype=bool), np.array([""] * n, dtype=object)
-        exact, normal = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    def _with_generation(self, batch: dict[str, np.ndarray], order: np.ndarray, parts: list[dict]) -> list[dict]:
+        """Greedy answers for the rows of `generate_ids` (all of this call's, in length order, so the
+        generation batches are full and evenly padded), added to the chunks' columns."""
+        chosen = [i for i in order if str(batch["example_id"][i]) in self.spec.generate_ids]
+        answers: dict[int, str] = {}
         if chosen:
             prompts = [np.asarray(batch["input_ids"][i])[: int(batch["prompt_len"][i])].tolist() for i in chosen]
             outs = greedy_generate(self.model, self.tokenizer, prompts, self.spec.max_new_tokens,
                                    batch_size=self.spec.generation_batch_size)
-            for i, toks in zip(chosen, outs):
-                text, ref = self.tokenizer.decode(toks, skip_special_tokens=True), str(batch["reference"][i])
-                generated[i], prediction[i] = True, text
-                exact[i], normal[i] = exact_match(text, ref), normalized_match(text, ref, self.spec.match)
-        return {"generated": generated, "prediction": prediction, "exact_match": exact, "normalized_match": normal}
+            answers = {i: self.tokenizer.decode(toks, skip_special_tokens=True) for i, toks in zip(chosen, outs)}
+        start = 0
+        for part in parts:
+            rows = order[start:start + len(part["model"])]
+            start += len(rows)
+            texts = [answers.get(i) for i in rows]
+            refs = [str(batch["reference"][i]) for i in rows]
+            part["generated"] = np.array([t is not None for t in texts])
+            part["prediction"] = np.array([t or "" for t in texts], dtype=object)
+            part["exact_match"] = np.array([t is not None and exact_match(t, r) for t, r in zip(texts, refs)])
+            part["normalized_match"] = np.array([t is not None and normalized_match(t, r, self.spec.match)
+                                                 for t, r in zip(texts, refs)])
+        return parts
 
     @torch.inference_mode()
     def _score_classes(self, t: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -177,8 +204,8 @@ class EvalScorer:
         labels = t["labels"]
         pred = logits.argmax(-1)
         loss = F.cross_entropy(logits, labels, reduction="none").double()
-        return {"label": labels.numpy(), "pred": pred.numpy(), "loss": loss.numpy(),
-                "correct": (pred == labels).numpy()}
+        return {"label": labels.cpu().numpy(), "pred": pred.cpu().numpy(), "loss": loss.cpu().numpy(),
+                "correct": (pred == labels).cpu().numpy()}
 
 
 def default_threads(actors: int) -> int:

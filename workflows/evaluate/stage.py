@@ -32,18 +32,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from workflows import storage
-from workflows.artifacts import atomic_write_json, stage_output
+from workflows.adapters import AdapterFiles
+from workflows.artifacts import atomic_write_json, is_uri, stage_output
 from workflows.config import PipelineConfig
 from workflows.evaluate.metrics import aggregate, paired_bootstrap
 from workflows.evaluate.scorer import BASE, CHAMPION, NEW, EvalScorer, ScorerSpec, default_threads
+from workflows.prepared import PreparedData
 
 _INPUT_COLUMNS = {"causal_lm": ["input_ids", "labels", "example_id", "prompt_len", "reference"],
                   "seq_cls": ["input_ids", "label", "example_id"]}
 
 
 ACTOR_START_TIMEOUT_S = 600  # loading a base model on a busy node can take minutes
+BUCKET_BATCHES = 8  # batches an actor sorts by length together
 
 
 class RowCountError(RuntimeError):
@@ -61,19 +65,6 @@ class EvalResult:
         return int(self.metrics["rows"])
 
 
-def find_champion(config: PipelineConfig, registry: Any) -> tuple[str | None, Path | None]:
-    """`(name:version, verified dir)` of `registry.name@registry.alias`, or (None, None) when there is
-    none or champion comparison is off. Resolved by version so a concurrent move cannot mix them."""
-    if registry is None or not config.eval.compare_champion:
-        return None, None
-    name, alias = config.registry.name, config.registry.alias
-    version = registry.alias_version(name, alias)
-    if version is None:
-        return None, None
-    ref = f"{name}:{version}"
-    return ref, registry.resolve(ref)
-
-
 def _example_ids(files: list[str]) -> list[str]:
     table = storage.read_parquet(files, columns=["example_id"])
     rows_meta = sum(storage.parquet_rows(f) for f in files)
@@ -83,37 +74,44 @@ def _example_ids(files: list[str]) -> list[str]:
     return ids
 
 
-def _spec(config: PipelineConfig, prepared: Any, adapter_dir: Path, champion_dir: Path | None,
+def _spec(config: PipelineConfig, prepared: PreparedData, new: AdapterFiles, champion: AdapterFiles | None,
           ids: list[str]) -> ScorerSpec:
     gen = config.eval.generation
     causal = prepared.task == "causal_lm"
     # The first rows of the eval split (in file order, itself ordered by example hash): they arrive
     # together, so generation runs in few, full batches instead of a few prompts per eval batch.
     generate_ids = frozenset(ids[: gen.num_prompts]) if causal and gen.num_prompts else frozenset()
-    adapters = {NEW: str(adapter_dir), **({CHAMPION: str(champion_dir)} if champion_dir else {})}
+    adapters = {NEW: new, **({CHAMPION: champion} if champion else {})}
     labels = prepared.manifest.get("label_names")
     return ScorerSpec(model_name=config.model.name, task=prepared.task, manifest=prepared.manifest,
                       adapters=adapters, score_base=config.eval.compare_base, dtype=config.model.dtype,
                       num_labels=len(labels) if labels else None, threads=default_threads(config.eval.actors),
                       generate_ids=generate_ids, max_new_tokens=gen.max_new_tokens,
-                      generation_batch_size=gen.batch_size, match=gen.match)
+                      generation_batch_size=gen.batch_size, match=gen.match, batch_size=config.eval.batch_size,
+                      gpus=gpus_per_actor(config))
 
 
-def score_dataset(files: list[str], spec: ScorerSpec, actors: int, batch_size: int, out_dir: Path,
+def gpus_per_actor(config: PipelineConfig) -> float:
+    """`eval.gpus_per_actor`, by default one GPU per actor when training uses GPUs."""
+    if config.eval.gpus_per_actor is not None:
+        return config.eval.gpus_per_actor
+    return 1.0 if config.train.use_gpu else 0.0
+
+
+def score_dataset(files: list[str], spec: ScorerSpec, actors: int, rows: int, out_dir: Path,
                   driver_writes: bool = False) -> list[Path]:
     """The Ray Data job: per-example rows of every model written as Parquet under `out_dir`.
 
     `driver_writes`: `out_dir` is visible only on the driver's node, so the driver writes the files.
     """
-    import ray
-
-    # Blocks of one batch each (streaming, no shuffle): every actor of the pool gets work even
-    # when the eval split is a single small shard.
+    # Each call gets a window of up to BUCKET_BATCHES batches, which the actor sorts by length
+    # (little padding), but never so few windows that an actor of the pool goes without work.
+    window = spec.batch_size * max(1, min(BUCKET_BATCHES, rows // (2 * actors * spec.batch_size)))
     paths, fs = storage.ray_paths(files)
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(_INPUT_COLUMNS[spec.task])
-    scored = ds.repartition(target_num_rows_per_block=batch_size).map_batches(
-        EvalScorer, fn_constructor_args=(spec,), batch_size=batch_size, batch_format="numpy", num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2))
+    scored = ds.repartition(target_num_rows_per_block=window).map_batches(
+        EvalScorer, fn_constructor_args=(spec,), batch_size=window, batch_format="numpy", num_cpus=1,
+        num_gpus=spec.gpus or None, compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2))
     # Start only when the whole pool is up: otherwise the first actor to finish loading the model
     # takes every block and "actors: N" silently means 1.
     scored.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
@@ -130,8 +128,6 @@ def score_dataset(files: list[str], spec: ScorerSpec, actors: int, batch_size: i
 
 def _write_parts(ds: Any, out_dir: Path) -> list[Path]:
     """`part-00000.parquet`, ... under `out_dir`, one per non-empty block, written by this process."""
-    import ray
-
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = []
     for ref in ds.to_arrow_refs():
@@ -175,25 +171,26 @@ def _diffs(task: str, by_model: dict[str, dict[str, np.ndarray]], samples: int, 
     return diff
 
 
-def build_metrics(config: PipelineConfig, prepared: Any, table: pa.Table, ids_in: list[str], spec: ScorerSpec,
-                  champion_ref: str | None, adapter_dir: Path) -> dict[str, Any]:
+def build_metrics(config: PipelineConfig, prepared: PreparedData, table: pa.Table, ids_in: list[str],
+                  spec: ScorerSpec) -> dict[str, Any]:
     by_model = split_by_model(table, ids_in, spec.models)
     labels = prepared.manifest.get("label_names")
     actors = {}
-    for actor, loads in zip(table.column("actor").to_pylist(), table.column("base_loads").to_pylist()):
-        a = actors.setdefault(actor, {"rows": 0, "base_loads": 0})
+    for actor, loads, gpus in zip(*(table.column(c).to_pylist() for c in ("actor", "base_loads", "gpus"))):
+        a = actors.setdefault(actor, {"rows": 0, "base_loads": 0, "gpus": gpus})
         a["rows"] += 1
         a["base_loads"] = max(a["base_loads"], loads)
     for a in actors.values():
         a["rows"] //= len(spec.models)  # example rows, not (example, model) rows
     metrics = {
-        "task": prepared.task, "rows": len(ids_in), "adapter": str(adapter_dir), "base_model": config.model.name,
+        "task": prepared.task, "rows": len(ids_in), "adapter": spec.adapters[NEW].ref, "base_model": config.model.name,
         "models": {m: aggregate(prepared.task, cols, labels) for m, cols in by_model.items()},
         "diff": _diffs(prepared.task, by_model, config.eval.bootstrap_samples, config.data.seed),
         "merged": spec.merged, "actors": actors, "bootstrap_samples": config.eval.bootstrap_samples,
+        "padding_fraction": _padding_fraction(table),
     }
-    if champion_ref:
-        metrics["champion_ref"] = champion_ref
+    if CHAMPION in spec.adapters:
+        metrics["champion_ref"] = spec.adapters[CHAMPION].ref
     if spec.generate_ids:
         gen = config.eval.generation
         metrics["generation"] = {"prompts": len(spec.generate_ids), "max_new_tokens": gen.max_new_tokens,
@@ -201,27 +198,28 @@ def build_metrics(config: PipelineConfig, prepared: Any, table: pa.Table, ids_in
     return metrics
 
 
-def run_evaluate(config: PipelineConfig, prepared: Any, adapter: str | Path, out_dir: str | Path,
-                 registry: Any = None) -> EvalResult:
-    """Score base / new / champion on `prepared`'s eval shards and commit `out_dir` (see module doc).
+def _padding_fraction(table: pa.Table) -> float:
+    """Share of the token positions fed to the models that were padding."""
+    real = pa.compute.sum(table.column("tokens_in")).as_py() or 0
+    fed = pa.compute.sum(table.column("padded_to")).as_py() or 0
+    return round(1 - real / fed, 4) if fed else 0.0
 
-    `prepared` is a `workflows.prepare.PreparedData`; `adapter` a directory or registry reference;
-    `registry` supplies the champion (`config.registry.name@config.registry.alias`) when given.
+
+def run_evaluate(config: PipelineConfig, prepared: PreparedData, new: AdapterFiles, out_dir: str | Path,
+                 champion: AdapterFiles | None = None) -> EvalResult:
+    """Score base, the `new` adapter and the `champion` (when given) on `prepared`'s eval shards and
+    commit `out_dir` (see module doc). Adapters arrive as files: the actors never open a driver path.
     """
-    from workflows.registry.sqlite import resolve_adapter
-
     files = list(prepared.eval_files)
     if not files:
         raise ValueError(f"{prepared.root}: no eval shards (data.eval_fraction is 0 and no data.eval_source)")
-    adapter_dir = resolve_adapter(adapter, registry)
-    champion_ref, champion_dir = find_champion(config, registry)
     ids_in = _example_ids(files)
-    spec = _spec(config, prepared, adapter_dir, champion_dir, ids_in)
+    spec = _spec(config, prepared, new, champion, ids_in)
     out_dir = Path(out_dir)
     with stage_output(out_dir) as tmp:
-        score_dataset(files, spec, config.eval.actors, config.eval.batch_size, tmp / "per_example",
-                      driver_writes=storage.is_uri(config.cluster.work_dir))
+        score_dataset(files, spec, config.eval.actors, len(ids_in), tmp / "per_example",
+                      driver_writes=is_uri(config.cluster.work_dir))
         table = pq.read_table(tmp / "per_example")
-        metrics = build_metrics(config, prepared, table, ids_in, spec, champion_ref, adapter_dir)
+        metrics = build_metrics(config, prepared, table, ids_in, spec)
         atomic_write_json(tmp / "metrics.json", metrics)
     return EvalResult(out_dir, metrics, sorted((out_dir / "per_example").glob("part-*.parquet")))

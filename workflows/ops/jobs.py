@@ -6,11 +6,7 @@ that every input the config names can be reached from the cluster (`workflows.op
 path that exists only on the submitting machine fails here, with a message, not an hour later in
 a worker.
 
-Token authentication (Ray 2.60): a cluster started with `RAY_AUTH_MODE=token` rejects requests
-without its token. The client reads the token the way Ray does (`RAY_AUTH_TOKEN`, the file named by
-`RAY_AUTH_TOKEN_PATH`, `~/.ray/auth_token`) and sends it whenever it finds one, unless
-`RAY_AUTH_MODE=disabled`, so a first submit works without exporting anything; when the cluster
-still refuses, the error says where the token comes from.
+Token authentication: `workflows.ops.auth`.
 
 Exit codes (`loraflow submit` and `loraflow jobs`): SUCCEEDED → 0; FAILED → the driver's own exit
 code (1 when it has none, 128+N when signal N killed it); STOPPED → `EXIT_STOPPED` (143, as for
@@ -19,11 +15,9 @@ the SIGTERM Ray sends a stopped driver).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import os
 import socket
 import sys
 import time
@@ -34,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from workflows.config import ConfigError
+import psutil
+
+from workflows.ops.auth import AuthError, auth_failure_message, auth_headers
 from workflows.ops.submission import (
-    COMMANDS,
     DEFAULT_SHIP_LIMIT_BYTES,
-    SubmissionPlan,
-    UnreachableInputError,
     plan_submission,
 )
 
@@ -75,45 +68,6 @@ def exit_code_for(status: str, driver_exit_code: int | None) -> int | None:
     return None
 
 
-# ---- token authentication ----
-
-def auth_token(env: Mapping[str, str] = os.environ) -> str | None:
-    """The Ray auth token this client has, looked up in Ray's order; None when there is none."""
-    if env.get("RAY_AUTH_TOKEN", "").strip():
-        return env["RAY_AUTH_TOKEN"].strip()
-    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path(env.get("HOME", "~")).expanduser() / ".ray" / "auth_token")
-    if path.is_file() and (token := path.read_text().strip()):
-        return token
-    return None
-
-
-def auth_headers(env: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """HTTP headers for the job server: the bearer token unless RAY_AUTH_MODE=disabled."""
-    mode = env.get("RAY_AUTH_MODE", "").strip().lower()
-    if mode == "disabled":
-        return {}
-    token = auth_token(env)
-    if token:
-        return {"Authorization": f"Bearer {token}"}
-    if mode == "token":
-        raise JobsError("RAY_AUTH_MODE=token but no Ray auth token was found: export RAY_AUTH_TOKEN, point "
-                        "RAY_AUTH_TOKEN_PATH at a token file, or save the cluster's token to ~/.ray/auth_token "
-                        "(`ray get-auth-token` on the head prints it; on KubeRay it is in the Secret named "
-                        "by authOptions).")
-    return {}
-
-
-def _auth_failure_message(address: str, error: Exception) -> str:
-    sent = auth_token() is not None and os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled"
-    problem = ("rejected the token this client sent (it is not the cluster's token)" if sent
-               else "requires token authentication and this client has no token")
-    return (f"the Ray cluster at {address} {problem}.\n"
-            "  Get the cluster's token: `ray get-auth-token` on the head node (KubeRay: the Secret named by\n"
-            "  spec.authOptions), then save it to ~/.ray/auth_token, or export RAY_AUTH_TOKEN=<token>, or\n"
-            "  RAY_AUTH_TOKEN_PATH=<file>. A cluster started with RAY_AUTH_MODE=disabled needs none.\n"
-            f"  (Ray said: {str(getattr(error, 'message', error)).splitlines()[0]})")
-
-
 # ---- the client ----
 
 @contextlib.contextmanager
@@ -123,8 +77,10 @@ def _job_errors(address: str) -> Iterator[None]:
 
     try:
         yield
+    except AuthError as e:  # no token where one is required
+        raise JobsError(str(e)) from None
     except AuthenticationError as e:
-        raise JobsError(_auth_failure_message(address, e)) from None
+        raise JobsError(auth_failure_message(address, e)) from None
     except ConnectionError as e:
         raise JobsError(f"cannot reach a Ray job server at {address} ({e}). Is the head running, and is this "
                         "its dashboard address (http://HOST:8265 by default)? cluster/README.md shows how "
@@ -145,9 +101,9 @@ def cluster_on_this_machine(address: str) -> bool:
     Asked of the cluster rather than read off the address: a remote dashboard reached through
     `kubectl port-forward` or `ray dashboard` is http://127.0.0.1:8265 too.
     """
-    import psutil
-
-    request = urllib.request.Request(f"{address.rstrip('/')}/nodes?view=summary", headers=auth_headers())
+    with _job_errors(address):
+        headers = auth_headers()
+    request = urllib.request.Request(f"{address.rstrip('/')}/nodes?view=summary", headers=headers)
     try:
         # A dashboard that just started fills its node table asynchronously: ask again for a while.
         deadline = time.monotonic() + 15
@@ -160,7 +116,7 @@ def cluster_on_this_machine(address: str) -> bool:
             time.sleep(0.5)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise JobsError(_auth_failure_message(address, e)) from None
+            raise JobsError(auth_failure_message(address, e)) from None
         raise JobsError(f"the Ray dashboard at {address} answered {e.code} to a node query") from None
     except (OSError, ValueError, KeyError) as e:
         raise JobsError(f"cannot reach a Ray job server at {address} ({e}). Is the head running, and is this "
@@ -270,93 +226,3 @@ def _unknown_job(job_id: str, address: str) -> Iterator[None]:
         if "404" in str(e) or "does not exist" in str(e):
             raise JobsError(f"no job {job_id!r} on {address} (`ray job list --address {address}` lists them)") from None
         raise
-
-
-# ---- CLI pieces registered by workflows/cli.py ----
-
-def _default_address() -> str | None:
-    return os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-
-
-def _add_address(parser: argparse.ArgumentParser) -> None:
-    default = _default_address()
-    parser.add_argument("--address", default=default, required=default is None,
-                        help="the cluster's job server, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
-
-
-def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `loraflow submit CONFIG --address URL ...`."""
-    parser.add_argument("config", help="pipeline YAML (inside the working directory)")
-    _add_address(parser)
-    parser.add_argument("--no-wait", dest="wait", action="store_false",
-                        help="print the job id and return instead of following the logs")
-    parser.add_argument("--working-dir", help="directory shipped to the cluster (default: the current one)")
-    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="env var for the job (repeatable)")
-    parser.add_argument("--pip", action="append", default=[], metavar="PKG", help="extra pip package (repeatable)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. train.lr=1e-4 (repeatable)")
-    parser.add_argument("--shared-mount", dest="shared_mounts", action="append", default=[], metavar="DIR",
-                        help="a directory mounted at the same path on every cluster node (repeatable; "
-                             "also $LORAFLOW_SHARED_MOUNTS)")
-    parser.add_argument("--command", choices=COMMANDS, default="run",
-                        help="the loraflow command the job runs (default: run; validate and dag are dry runs)")
-    parser.add_argument("--ship-limit-mb", type=float, default=DEFAULT_SHIP_LIMIT_BYTES / 2**20,
-                        help="largest total of local input data shipped with the working dir (default: %(default)s)")
-    parser.add_argument("--submission-id", help="job id to use (default: generated by Ray)")
-
-
-def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `loraflow jobs status|logs|stop JOB_ID --address URL`."""
-    parser.add_argument("action", choices=["status", "logs", "stop"])
-    parser.add_argument("job_id")
-    _add_address(parser)
-    parser.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
-
-
-def _parse_env(items: Sequence[str]) -> dict[str, str]:
-    env = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise JobsError(f"--env {item!r}: expected KEY=VALUE")
-        env[key] = value
-    return env
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    try:
-        outcome = submit(args.config, args.address, overrides=args.overrides, wait=args.wait,
-                         working_dir=args.working_dir, env_vars=_parse_env(args.env), pip=args.pip,
-                         shared_mounts=args.shared_mounts, command=args.command,
-                         ship_limit_bytes=int(args.ship_limit_mb * 2**20), submission_id=args.submission_id)
-    except (ConfigError, JobsError, UnreachableInputError) as e:
-        print(f"loraflow submit: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return outcome.exit_code or 0
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    try:
-        if args.action == "logs":
-            sys.stdout.write(job_logs(args.job_id, args.address, follow=args.follow))
-            if not args.follow:
-                return 0
-            return job_status(args.job_id, args.address).exit_code or 0
-        outcome = (job_status if args.action == "status" else stop_job)(args.job_id, args.address)
-    except JobsError as e:
-        print(f"loraflow jobs: {e}", file=sys.stderr)
-        return 2
-    code = "" if outcome.exit_code is None else f" (exit code {outcome.exit_code})"
-    print(f"{outcome.job_id} {outcome.status}{code}" + (f": {outcome.message}" if outcome.message else ""))
-    if args.action == "stop":
-        return 0 if outcome.status in TERMINAL else 1
-    return outcome.exit_code or 0
-
-
-__all__ = [
-    "EXIT_STOPPED", "JobOutcome", "JobsError", "SubmissionPlan", "add_jobs_arguments", "add_submit_arguments",
-    "auth_headers", "auth_token", "cluster_on_this_machine", "cmd_jobs", "cmd_submit", "connect", "exit_code_for", "job_logs",
-    "job_status", "plan_submission", "UnreachableInputError", "stop_job", "submit", "submit_entrypoint", "wait_for_job",
-]

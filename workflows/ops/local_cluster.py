@@ -38,6 +38,8 @@ from pathlib import Path
 
 import psutil
 
+from workflows.ops.auth import auth_headers, auth_token
+
 AUTH_MODES = ("disabled", "token")
 
 
@@ -193,8 +195,6 @@ class PrivateHead:
 
 
 def _get_json(url: str, env: dict[str, str]) -> dict:
-    from workflows.ops.jobs import auth_headers
-
     req = urllib.request.Request(url, headers=auth_headers(env))
     with urllib.request.urlopen(req, timeout=5) as r:
         return json.load(r)
@@ -320,8 +320,6 @@ def _main(argv: list[str] | None = None) -> int:
 
 def _ensure_token(env: dict[str, str]) -> None:
     """Token mode needs a token: keep RAY_AUTH_TOKEN or the token file, else create ~/.ray/auth_token."""
-    from workflows.ops.jobs import auth_token
-
     if auth_token(env):
         return
     subprocess.run([_ray_executable(), "get-auth-token", "--generate"], check=True,

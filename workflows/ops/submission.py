@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflows.artifacts import is_uri
 from workflows.config import PipelineConfig, check_runs_dir, load_config
 
 DEFAULT_SHIP_LIMIT_BYTES = 100 * 2**20
@@ -52,10 +53,6 @@ class SubmissionPlan:
     runtime_env: dict
     metadata: dict[str, str]
     notes: list[str] = field(default_factory=list)
-
-
-def is_remote_uri(path: str) -> bool:
-    return "://" in path
 
 
 def shipped_files(working_dir: Path, excludes: Sequence[str]) -> set[Path]:
@@ -103,7 +100,7 @@ def _input_paths(cfg: PipelineConfig) -> list[tuple[str, str, bool]]:
     # A model name or init adapter is a path only when it exists here; otherwise an alias, hub id or
     # registry reference that the cluster resolves itself.
     for key, value in (("model.name", cfg.model.name), ("train.init_adapter", cfg.train.init_adapter)):
-        if value and not is_remote_uri(value) and Path(cfg.resolve_path(value)).exists():
+        if value and not is_uri(value) and Path(cfg.resolve_path(value)).exists():
             found.append((key, value, False))
     return found
 
@@ -138,7 +135,7 @@ class _Planner:
     def input(self, key: str, value: str, is_data: bool) -> None:
         prefix = "hf:" if value.startswith("hf:") else ""
         local = value[len(prefix):]
-        if is_remote_uri(local):
+        if is_uri(local):
             return
         resolved = Path(self.cfg.resolve_path(local))
         files = _expand(str(resolved))
@@ -183,7 +180,7 @@ class _Planner:
     def output(self, key: str) -> None:
         section, name = key.split(".")
         value = getattr(getattr(self.cfg, section), name)
-        if is_remote_uri(value):
+        if is_uri(value):
             return
         # The stages resolve output paths against the process's working directory, which for a job
         # is its copy of the working directory: resolve them the same way here.

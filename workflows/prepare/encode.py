@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from workflows.models import load_tokenizer
 from workflows.prepare.formats import (
     IGNORE_INDEX,
     ExampleEncoder,
@@ -57,8 +58,6 @@ class EncodeExamples:
     """
 
     def __init__(self, model_name: str, data: dict[str, Any], task: str, has_eval_source: bool):
-        from workflows.models import load_tokenizer
-
         self.data, self.task, self.has_eval_source = data, task, has_eval_source
         self.tokenizer = load_tokenizer(model_name)
         self.encoder = ExampleEncoder(self.tokenizer, data["format"], data["max_seq_len"], data["template"],

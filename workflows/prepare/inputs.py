@@ -10,24 +10,31 @@ import glob
 import hashlib
 from pathlib import Path
 
-from workflows.artifacts import canonical_json
+import pyarrow.fs as pafs
+
+from workflows.artifacts import canonical_json, is_uri, sha256_file_cached
 from workflows.config import PipelineConfig
 
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
                ".parquet": "parquet", ".arrow": "arrow"}
-_COMPRESSION = (".gz", ".bz2", ".zst", ".lz4")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 
 class SourceError(ValueError):
     """A data source that cannot be read at all (missing path, unknown format)."""
 
 
+def uncompressed_name(path: str) -> str:
+    """`path` lower-cased without a compression suffix: `rows.tsv.bz2` -> `rows.tsv`."""
+    name = path.lower()
+    for ext in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(ext)
+    return name
+
+
 def _reader_for(path: str, reader: str) -> str:
     if reader != "auto":
         return reader
-    name = path.lower()
-    for ext in _COMPRESSION:
-        name = name.removesuffix(ext)
-    kind = _EXTENSIONS.get(Path(name).suffix)
+    kind = _EXTENSIONS.get(Path(uncompressed_name(path)).suffix)
     if kind is None:
         raise SourceError(f"{path}: cannot tell the format from the extension; set data.reader "
                           f"(one of jsonl, csv, parquet, hf)")
@@ -52,8 +59,6 @@ def _expand_local(spec: str) -> list[str]:
 
 
 def _expand_remote(spec: str) -> list[str]:
-    import pyarrow.fs as pafs
-
     fs, root = pafs.FileSystem.from_uri(spec)
     info = fs.get_file_info(root)
     scheme = spec.split("://", 1)[0]
@@ -68,7 +73,7 @@ def _expand_remote(spec: str) -> list[str]:
 def _expand_hf(spec: str) -> list[str]:
     """`hf:<save_to_disk dir or hub name>[#split]` -> the dataset's Arrow files (streamed, never
     materialised). A DatasetDict uses split `train` unless `#split` names another."""
-    import datasets
+    import datasets  # a second to import: only for hf: sources
 
     target, _, split = spec.removeprefix("hf:").partition("#")
     if Path(target).expanduser().is_dir():
@@ -93,7 +98,7 @@ def expand_sources(specs: str | list[str], reader: str) -> list[tuple[str, str]]
     for spec in [specs] if isinstance(specs, str) else specs:
         if spec.startswith("hf:") or reader == "hf":
             files += [(f, "arrow") for f in _expand_hf(spec if spec.startswith("hf:") else f"hf:{spec}")]
-        elif "://" in spec:
+        elif is_uri(spec):
             files += [(f, _reader_for(f, reader)) for f in _expand_remote(spec)]
         else:
             files += [(f, _reader_for(f, reader)) for f in _expand_local(spec)]
@@ -101,19 +106,15 @@ def expand_sources(specs: str | list[str], reader: str) -> list[tuple[str, str]]
 
 
 def file_digest(path: str, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, streamed (local or any pyarrow filesystem URI)."""
+    """sha256 of a file's bytes: local files through the cross-process cache keyed by path, size,
+    mtime and inode (read once while unchanged); URIs streamed through any pyarrow filesystem."""
+    if not is_uri(path):
+        return sha256_file_cached(path)
     h = hashlib.sha256()
-    if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(path)
-        with fs.open_input_stream(root) as f:
-            while block := f.read(chunk):
-                h.update(block)
-    else:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+    fs, root = pafs.FileSystem.from_uri(path)
+    with fs.open_input_stream(root) as f:
+        while block := f.read(chunk):
+            h.update(block)
     return h.hexdigest()
 
 

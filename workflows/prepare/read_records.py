@@ -25,7 +25,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
+
+from workflows.prepare.inputs import uncompressed_name
 
 RECORD_SCHEMA = pa.schema([("origin", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                            ("raw", pa.binary()), ("error", pa.string())])
@@ -82,8 +85,6 @@ class RecordsDatasource(FileBasedDatasource):
             yield block
 
     def _parquet_records(self, f: pa.NativeFile, path: str) -> Iterator[tuple[int, bytes, str | None]]:
-        import pyarrow.parquet as pq
-
         # Parquet needs random access; the stream Ray opened does not seek.
         with self._filesystem.open_input_file(path) as seekable:
             parquet = pq.ParquetFile(seekable)
@@ -111,7 +112,7 @@ def _csv_records(f: pa.NativeFile, path: str) -> Iterator[tuple[int, bytes, str 
     """CSV records as JSON objects keyed by the header. Invalid UTF-8 or a wrong number of fields
     rejects that record only. Per-record Python, in the read task: CSV inputs are moderate."""
     text = io.TextIOWrapper(io.BufferedReader(f), encoding="utf-8", errors="surrogateescape", newline="")
-    delimiter = "\t" if path.lower().removesuffix(".gz").endswith(".tsv") else ","
+    delimiter = "\t" if uncompressed_name(path).endswith(".tsv") else ","
     reader = csv.reader(text, delimiter=delimiter)
     header = next(reader, None)
     if header is None:

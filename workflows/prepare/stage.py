@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import ray
 
 from workflows import __version__
-from workflows.artifacts import atomic_write_json
+from workflows.artifacts import atomic_write_json, stage_output
 from workflows.config import PipelineConfig
+from workflows.models import load_tokenizer, tokenizer_fingerprint
 from workflows.prepare.encode import EncodeExamples, MarkDuplicates
 from workflows.prepare.formats import ExampleEncoder
 from workflows.prepare.inputs import input_digest, input_files
@@ -38,9 +40,6 @@ from workflows.prepare.read_records import RecordsDatasource
 from workflows.prepare.shard_writer import TokenizedShardWriter, finalize_splits
 from workflows.prepare.stats import label_vocabulary, merge_summaries, token_summary
 from workflows.prepared import PreparedData
-
-ENCODED = "_encoded"
-PACK_BATCH_ROWS = 2048  # examples per packing batch: bigger packs tighter, costs more memory
 
 
 class PrepareError(RuntimeError):
@@ -84,8 +83,6 @@ def _check_reject_fraction(stats: dict[str, Any], max_fraction: float, rejects: 
 def _write_shards(config: PipelineConfig, files: dict[str, list[tuple[str, str]]], task: str, root: Path,
                   packed: bool) -> list[dict[str, Any]]:
     """The one streaming pass; returns the write tasks' summaries (see shard_writer)."""
-    import ray
-
     data = config.data
     parts = [_ordered(ray.data.read_datasource(RecordsDatasource(entries, origin)))
              for origin, entries in files.items() if entries]
@@ -112,9 +109,6 @@ def run_prepare(config: PipelineConfig, out_dir: str | Path) -> PreparedData:
     """Run the stage and commit `out_dir` (temp dir -> `_SUCCESS` -> rename). Uses the running
     Ray instance (or starts a local one). Raises PrepareError when too many rows are rejected;
     the rejects are then kept beside `out_dir` as `<name>.rejects/`."""
-    from workflows.artifacts import stage_output
-    from workflows.models import load_tokenizer, tokenizer_fingerprint
-
     _check_config(config)
     data, task, started = config.data, task_of(config), time.time()
     out_dir = Path(out_dir)

@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import json
-import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from workflows import __version__
-from workflows.artifacts import sha256_file
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+from workflows.adapters import CONFIG_FILE, WEIGHTS_FILE, content_sha256
+from workflows.artifacts import atomic_dir, sha256_file
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -212,17 +207,10 @@ class AdapterRegistry(abc.ABC):
         dest = Path(dest).expanduser()
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise RegistryError(f"export destination {dest} exists and is not an empty directory")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with atomic_dir(dest, replace=True) as tmp:  # replaces at most an empty folder
             for rel in sorted(files):  # copyfile, not copy2: exported files are writable again
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src / rel, tmp / rel)
-            if dest.exists():
-                dest.rmdir()
-            os.rename(tmp, dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     def show(self, ref: str | Ref) -> dict[str, Any]:
@@ -240,11 +228,8 @@ def now_iso() -> str:
 
 
 def adapter_content_sha256(adapter_dir: Path) -> str:
-    """Identity of an adapter: its config and weights (not loraflow.json, whose lineage has times)."""
-    h = hashlib.sha256()
-    for fname in (CONFIG_FILE, WEIGHTS_FILE):
-        h.update(f"{fname}\0{sha256_file(adapter_dir / fname)}\n".encode())
-    return h.hexdigest()
+    """Identity of an adapter: its config and weights (`workflows.adapters.content_sha256`)."""
+    return content_sha256((adapter_dir / CONFIG_FILE).read_bytes(), (adapter_dir / WEIGHTS_FILE).read_bytes())
 
 
 def check_adapter_dir(adapter_dir: Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from workflows.artifacts import fsync_dir, fsync_tree, is_uri
 from workflows.registry.base import (
     ANY_HOLDER,
     AdapterRegistry,
@@ -47,7 +48,6 @@ from workflows.registry.base import (
     adapter_content_sha256,
     check_adapter_dir,
     file_hashes,
-    is_ref,
     now_iso,
     validate_alias,
     validate_name,
@@ -94,7 +94,7 @@ class Registry(AdapterRegistry):
     """
 
     def __init__(self, root: str | Path, check_servable: ServableCheck | None = None, busy_timeout_s: float = 60.0):
-        if "://" in str(root):
+        if is_uri(root):
             raise RegistryError(f"registry root {root}: the SQLite registry needs a local POSIX path "
                                 "(not an object store or network filesystem)")
         self.root = Path(root).expanduser().resolve()
@@ -104,6 +104,14 @@ class Registry(AdapterRegistry):
         self._busy_timeout_s = busy_timeout_s
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self._init_db()
+
+    @classmethod
+    def existing(cls, root: str | Path) -> Registry | None:
+        """The registry at `root` if one was ever created there, else None (and nothing is created:
+        a dry run such as `loraflow dag` must not leave an empty registry behind)."""
+        if is_uri(root) or not (Path(root).expanduser() / "registry.db").is_file():
+            return None
+        return cls(root)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -187,6 +195,9 @@ class Registry(AdapterRegistry):
             servable, reasons = self._check_servable(staging)  # judged on exactly what is stored
             for rel in files:
                 (staging / rel).chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            # On disk before the row that points at them is committed: a crash (or power loss) at
+            # any point never leaves a version row whose files are incomplete.
+            fsync_tree(staging)
             with self._txn(write=True) as conn:
                 row = conn.execute("SELECT version, deleted FROM versions WHERE name=? AND content_sha256=?",
                                    (name, content)).fetchone()
@@ -201,6 +212,7 @@ class Registry(AdapterRegistry):
                 if dest.exists():  # left by a writer that died between rename and commit
                     shutil.rmtree(dest)
                 os.rename(staging, dest)
+                fsync_dir(name_dir)  # the rename itself
                 try:
                     conn.execute(
                         "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,NULL)",
@@ -360,29 +372,3 @@ class Registry(AdapterRegistry):
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
-
-
-def open_registry(root: str | Path) -> AdapterRegistry:
-    """The registry backend for a root. Only the embedded SQLite backend exists today."""
-    return Registry(root)
-
-
-def resolve_adapter(ref_or_path: str | Path, registry: AdapterRegistry | str | Path | None = None) -> Path:
-    """A local adapter directory as given, or a registry reference resolved and verified.
-
-    `registry` is a backend or a root path; by default the config's default root (`~/.cache/...`).
-    """
-    path = Path(ref_or_path).expanduser()
-    if path.is_dir():
-        return path
-    text = str(ref_or_path)
-    if not is_ref(text):
-        raise RegistryError(f"{text!r} is neither an adapter directory nor a registry reference "
-                            "(NAME@ALIAS or NAME:VERSION)")
-    if not isinstance(registry, AdapterRegistry):
-        from workflows.config import RegistrySection
-
-        registry = Registry(registry if registry is not None else RegistrySection().root)
-    return registry.resolve(text)
-
-

@@ -3,7 +3,7 @@
 A checkpoint directory (written by rank 0, registered with `ray.train.report`) holds:
 
 - `adapter.safetensors`: every trainable tensor (LoRA A/B, `modules_to_save`) by its in-model name;
-- `optimizer.pt`: `{"optimizer": AdamW state, "scheduler": LR-scheduler state}`, tensors and plain
+- `optimizer.pt`: `{"optimizer": AdamW state, "scheduler": LR-scheduler state, "scaler"?: fp16 loss scale}`, tensors and plain
   numbers only, read back with `torch.load(weights_only=True)` (no pickled code is ever executed);
 - `state.json`: `TrainState` (step, data position, seed, world size, initial eval loss).
 
@@ -64,16 +64,20 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, state: TrainState) -> None:
+def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, state: TrainState,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.cpu().contiguous() for n, t in trainable_tensors(model).items()}
     save_file(tensors, str(directory / ADAPTER_FILE), metadata={"format": "pt"})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               directory / OPTIMIZER_FILE)
+    blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if scaler is not None:  # fp16: the loss scale and its growth tracker, or a resume would re-learn them
+        blob["scaler"] = scaler.state_dict()
+    torch.save(blob, directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
 
 
-def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler) -> TrainState:
+def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler,
+                    scaler: torch.amp.GradScaler | None = None) -> TrainState:
     """Restore trainable tensors, optimizer and scheduler in place; return the saved `TrainState`.
 
     Refuses a checkpoint whose tensors do not match the model's trainable parameters exactly
@@ -95,4 +99,9 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler) -> 
     blob = torch.load(directory / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
+    if scaler is not None:
+        if "scaler" not in blob:
+            raise ValueError(f"checkpoint {directory / OPTIMIZER_FILE} has no gradient-scaler state: it was "
+                             "not written by an fp16 run (train.precision changed?)")
+        scaler.load_state_dict(blob["scaler"])
     return TrainState(**json.loads((directory / STATE_FILE).read_text()))

@@ -18,18 +18,28 @@ folder (`train_loop_to_store`), since the training loop writes those with plain 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+import lora_core
 from workflows import __version__, storage
-from workflows.artifacts import atomic_write_json, fingerprint, stage_output
+from workflows.adapters import AdapterFiles
+from workflows.artifacts import atomic_write_json, is_uri, stage_output
 from workflows.config import PipelineConfig, TrainSection
-from workflows.train.worker import WorkerConfig, train_loop_per_worker
+from workflows.models import base_identity, load_tokenizer, tokenizer_fingerprint
+from workflows.prepared import PreparedData
+from workflows.train.worker import WorkerConfig, train_loop_per_worker, train_loop_to_store
 
 
 class PreparedDataError(ValueError):
@@ -49,64 +59,60 @@ class TrainResult:
     storage_path: str
 
 
-def run_train(config: PipelineConfig, prepared: Any, out_dir: str | Path, storage_path: str | Path,
-              run_name: str, *, stop_after_step: int | None = None) -> TrainResult:
-    """Fine-tune `config.model` with LoRA on `prepared` (a `PreparedData` or its directory).
-
-    `stop_after_step` is for tests and benchmarks: the workers stop after that step's report, as
-    if the run had been interrupted; calling again with the same `run_name` resumes it.
+def run_train(config: PipelineConfig, prepared: PreparedData, out_dir: str | Path, storage_path: str | Path,
+              run_name: str, *, init_adapter: AdapterFiles | None = None,
+              loop: Callable[[dict[str, Any]], Any] | None = None) -> TrainResult:
+    """Fine-tune `config.model` with LoRA on `prepared`, from `init_adapter` when given (warm start:
+    the adapter's files travel to the workers). `loop` replaces the function the workers run
+    (default: `train_loop_per_worker`, or `train_loop_to_store` for an object-store `storage_path`);
+    tests wrap it to interrupt a run or to inspect the workers' models.
     """
-    trainer = build_trainer(config, prepared, storage_path, run_name, stop_after_step=stop_after_step)
+    trainer = build_trainer(config, prepared, storage_path, run_name, init_adapter=init_adapter, loop=loop)
     trainer.fit()  # raises ray.train.TrainingFailedError when retries are exhausted
     return commit_run(Path(out_dir), _run_dir(storage_path, run_name))
 
 
 def _run_dir(storage_path: str | Path, run_name: str) -> Path | str:
     """`<storage_path>/<run_name>`: a resolved local path, or a URI."""
-    if storage.is_uri(storage_path):
+    if is_uri(storage_path):
         return storage.join(storage_path, run_name)
     return Path(storage_path).expanduser().resolve() / run_name
 
 
-def build_trainer(config: PipelineConfig, prepared: Any, storage_path: str | Path, run_name: str, *,
-                  callbacks: list[Any] | None = None, stop_after_step: int | None = None) -> Any:
+def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: str | Path, run_name: str, *,
+                  init_adapter: AdapterFiles | None = None, callbacks: list[Any] | None = None,
+                  loop: Callable[[dict[str, Any]], Any] | None = None) -> TorchTrainer:
     """The checked `TorchTrainer` of one run (data and cluster fit verified before it exists).
 
     `callbacks` are Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback` in a sweep trial.
     """
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init()
-    prepared = _as_prepared(prepared)
     check_prepared(config, prepared)
     tc = config.train
     total_steps = plan_steps(_rows(prepared.train_files), tc)
     check_cluster_fits(tc, ray.cluster_resources(), _max_cluster_resources())
 
     run_dir = _run_dir(storage_path, run_name)
+    identity = base_identity(config.model.name, revision=config.model.revision)
     worker = WorkerConfig(
-        model=config.section("model"), lora=config.section("lora"), train=config.section("train"),
+        model=config.model, lora=lora_config(config, identity), train=config.train,
         manifest=prepared.manifest, run_dir=str(run_dir), total_steps=total_steps,
         num_labels=len(prepared.manifest["label_names"]) if prepared.task == "seq_cls" else None,
-        init_adapter=_resolve_init_adapter(config), base_identity=_base_identity(config),
-        lineage=_lineage(config, prepared, run_dir),
-        has_eval=_rows(prepared.eval_files) > 0, stop_after_step=stop_after_step)
+        init_adapter=init_adapter, base_identity=identity, lineage=_lineage(config, prepared, run_dir),
+        has_eval=_rows(prepared.eval_files) > 0)
     datasets = train_datasets(prepared, tc)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same order every epoch and attempt: resume skips consumed batches
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
-    if storage.is_uri(run_dir):
+    if is_uri(run_dir):
         # Ray Train gets the driver's filesystem object: its endpoint settings then apply on every node.
         fs, path = storage.resolve(storage_path)
-        loop, where = train_loop_to_store, {"storage_path": path, "storage_filesystem": fs}
-        loop_config = {**asdict(worker), "store_fs": fs, "store_run_dir": f"{path}/{run_name}"}
+        default, where = train_loop_to_store, {"storage_path": path, "storage_filesystem": fs}
+        loop_config = {"worker": worker, "store_fs": fs, "store_run_dir": f"{path}/{run_name}"}
     else:
-        loop, loop_config, where = train_loop_per_worker, asdict(worker), {"storage_path": str(run_dir.parent)}
+        default, where = train_loop_per_worker, {"storage_path": str(run_dir.parent)}
+        loop_config = {"worker": worker}
     return TorchTrainer(
-        loop,
+        loop or default,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources),
@@ -128,13 +134,11 @@ def build_trainer(config: PipelineConfig, prepared: Any, storage_path: str | Pat
 MATERIALIZE_MAX_BYTES = 512 * 2**20
 
 
-def train_datasets(prepared: Any, tc: TrainSection) -> dict[str, Any]:
+def train_datasets(prepared: PreparedData, tc: TrainSection) -> dict[str, Any]:
     """{"train": shards in file order, "eval": the rows periodic eval scores} as Ray Datasets.
 
     Eval keeps only the rows `eval_batches` batches per worker can use, always materialized.
     """
-    import ray
-
     paths, fs = storage.ray_paths(prepared.train_files)
     train = _in_file_order(ray.data.read_parquet(paths, filesystem=fs))
     if sum(storage.size(f) for f in prepared.train_files) <= MATERIALIZE_MAX_BYTES:
@@ -156,20 +160,8 @@ def _in_file_order(ds: Any) -> Any:
 # --- checks before anything starts ---------------------------------------------------------------
 
 
-def _as_prepared(prepared: Any) -> Any:
-    if prepared is None:
-        raise PreparedDataError("no prepared dataset: run the prepare stage first")
-    if isinstance(prepared, (str, Path)):
-        from workflows.prepared import PreparedData
-
-        return PreparedData.load(prepared)  # refuses a directory without _SUCCESS
-    return prepared
-
-
-def check_prepared(config: PipelineConfig, prepared: Any) -> None:
+def check_prepared(config: PipelineConfig, prepared: PreparedData) -> None:
     """Refuse prepared data this model cannot train on, naming the manifest field and both values."""
-    from workflows.models import load_tokenizer, tokenizer_fingerprint
-
     manifest, where = prepared.manifest, storage.join(prepared.root, "manifest.json")
     if manifest.get("task") != config.model.task:
         raise PreparedDataError(f"{where}: manifest field 'task' is {manifest.get('task')!r} but "
@@ -243,36 +235,21 @@ def _rows(files: list[str]) -> int:
     return sum(storage.parquet_rows(f) for f in files)
 
 
-def _resolve_init_adapter(config: PipelineConfig) -> str | None:
-    ref = config.train.init_adapter
-    if not ref:
-        return None
-    path = Path(ref).expanduser()
-    if path.is_dir():  # a plain directory needs no registry
-        return str(path.resolve())
-    from workflows.registry.sqlite import resolve_adapter
-
-    return str(resolve_adapter(ref, config.registry.root))
-
-
-def _base_identity(config: PipelineConfig) -> dict[str, Any]:
-    from workflows.models import base_identity
-
-    return base_identity(config.model.name, revision=config.model.revision)
+def lora_config(config: PipelineConfig, identity: dict[str, Any]) -> lora_core.LoraConfig:
+    """The `lora` section as lora_core's config; adapters record the base's path for PEFT."""
+    return lora_core.LoraConfig(**config.lora.model_dump(), base_model_name_or_path=identity.get("path"))
 
 
 # --- committing the stage directory --------------------------------------------------------------
 
 
-def _lineage(config: PipelineConfig, prepared: Any, run_dir: Path | str) -> dict[str, Any]:
+def _lineage(config: PipelineConfig, prepared: PreparedData, run_dir: Path | str) -> dict[str, Any]:
     """What loraflow.json records beside lora_core's own fields (weights sha256, base identity)."""
-    from workflows.prepare.inputs import file_digest
-
     manifest = prepared.manifest
     run_name, storage_path = _split_run_dir(run_dir)
     return {
         "prepared": {"root": str(prepared.root),
-                     "manifest_sha256": file_digest(storage.join(prepared.root, "manifest.json")),
+                     "manifest_sha256": hashlib.sha256(storage.read_bytes(storage.join(prepared.root, "manifest.json"))).hexdigest(),
                      "rows_digest": manifest.get("rows_digest"), "input_digest": manifest.get("input_digest"),
                      "tokenizer": manifest.get("tokenizer")},
         "config": config.model_dump(mode="json"),
@@ -283,54 +260,16 @@ def _lineage(config: PipelineConfig, prepared: Any, run_dir: Path | str) -> dict
 
 def _split_run_dir(run_dir: Path | str) -> tuple[str, str]:
     """(run name, storage path) of `<storage_path>/<run_name>`, a local path or a URI."""
-    if storage.is_uri(run_dir):
+    if is_uri(run_dir):
         storage_path, _, run_name = str(run_dir).rstrip("/").rpartition("/")
         return run_name, storage_path
     return Path(run_dir).name, str(Path(run_dir).parent)
 
 
-# --- object store run directories ----------------------------------------------------------------
-
-
-def train_loop_to_store(config: dict[str, Any]) -> dict[str, Any]:
-    """The worker function when Ray Train's storage is an object store.
-
-    `train_loop_per_worker` writes `metrics.jsonl` and `final/` to its run directory with plain
-    file I/O, so it gets a node-local folder. Rank 0 publishes `metrics.jsonl` to the run directory
-    in the store after every checkpoint and whenever it stops (finished, failed or interrupted), and
-    `final/` when the run finished. A worker group restarted on another node first takes the metrics
-    logged so far back from the store (with a lost node: up to its last checkpoint, the point the
-    run resumes from). Checkpoints go through Ray Train, which writes them to the store itself.
-    """
-    import ray.train
-
-    fs, remote = config.pop("store_fs"), config.pop("store_run_dir")
-    local = Path(tempfile.gettempdir()) / "loraflow-train" / fingerprint(fs.type_name, remote)
-    if ray.train.get_context().get_world_rank() != 0:
-        return train_loop_per_worker({**config, "run_dir": str(local)})
-    local.mkdir(parents=True, exist_ok=True)
-    log = local / "metrics.jsonl"
-    if not log.exists() and (logged := storage.read_from(fs, f"{remote}/metrics.jsonl")) is not None:
-        log.write_bytes(logged)
-
-    def publish_metrics() -> None:
-        if log.exists():
-            storage.upload_file(log, fs, f"{remote}/metrics.jsonl")
-
-    try:
-        return train_loop_per_worker({**config, "run_dir": str(local), "on_checkpoint": publish_metrics})
-    finally:
-        publish_metrics()
-        if (local / "final").is_dir():  # the run finished: the store now holds all of it
-            fs.delete_dir_contents(f"{remote}/final", missing_dir_ok=True)
-            storage.upload_dir(local / "final", fs, f"{remote}/final")
-            shutil.rmtree(local, ignore_errors=True)
-
-
 def commit_run(out_dir: Path, run_dir: Path | str) -> TrainResult:
     """Copy a finished Ray Train run's final adapter and metrics into the stage directory (from an
     object store through a temporary local copy)."""
-    if not storage.is_uri(run_dir):
+    if not is_uri(run_dir):
         return _commit_local_run(out_dir, Path(run_dir), *_split_run_dir(run_dir))
     fs, path = storage.resolve(run_dir)
     with tempfile.TemporaryDirectory(prefix="loraflow-run-") as tmp:
