@@ -167,8 +167,17 @@ def stage_output(final_dir: str | Path, success: dict[str, Any] | None = None) -
 
 # ----------------------------------------------------------------------------- locks
 
-class LockHeldError(RuntimeError):
+class UserError(Exception):
+    """A failure the user can fix (bad data, a missing file, a bad config, an unreachable store, a
+    held lock): the CLI prints its message alone, without a traceback, and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class LockHeldError(UserError, RuntimeError):
     """Another process holds a lock this one would not wait for (the message names the holder)."""
+
+    exit_code = 4
 
 
 @contextlib.contextmanager

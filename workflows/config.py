@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lora_core.config import LoraConfig
-from workflows.artifacts import is_uri
+from workflows.artifacts import UserError, is_uri
 
 CONFIG_VERSION = 1
 
@@ -37,7 +37,8 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    # A file, glob or directory (local, s3://, gs://), a list of them, or `hf:<name or save_to_disk dir>`.
+    # A file, glob or directory (local, s3://, gs://), a list of them, or a Hugging Face dataset:
+    # `hf:<name or folder>[@<revision>][:<config>][#<split>]` (workflows/prepare/inputs.py).
     source: str | list[str]
     # Optional separate eval source; otherwise `eval_fraction` of `source` by example hash.
     eval_source: str | list[str] | None = None
@@ -63,6 +64,9 @@ class DataSection(Section):
     tokenize_actors: int = Field(1, ge=1)
     batch_size: int = Field(256, ge=1)
     max_rows: int | None = Field(None, ge=1)  # read at most this many rows (quick experiments)
+    # hf: sources only: read the dataset as a stream (datasets' IterableDataset) instead of from its
+    # Arrow files, for data sets that do not fit on disk.
+    streaming: bool = False
 
 
 _LORA = {f.name: f.default for f in dataclasses.fields(LoraConfig)}  # one source of LoRA defaults
@@ -87,11 +91,20 @@ class LoraSection(Section):
 class TrainSection(Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0)  # fractions let workers share a GPU (with ddp_backend: gloo)
+    # The process group: "auto" is NCCL with GPUs, gloo without; "gloo" also works on GPUs (CUDA
+    # tensors), which lets several workers share one GPU. Every collective gets device tensors.
+    ddp_backend: Literal["auto", "nccl", "gloo"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, ge=1)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)  # per worker, per micro-step
+    # Rows of the local buffer each epoch reshuffles through (seeded by train.seed and the epoch; the
+    # prepare stage already wrote the rows in a seeded random order). 0: no reshuffle.
+    shuffle_buffer_rows: int = Field(10_000, ge=0)
+    # Batch rows of like length together (less padding); "auto": on for unpacked rows.
+    group_by_length: bool | Literal["auto"] = "auto"
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -143,7 +156,6 @@ class GateSection(Section):
     min_delta: float = 0.0
     # guard metric -> largest allowed regression (in that metric's own units)
     guards: dict[str, float] = Field(default_factory=dict)
-    promote_first: bool = True
 
 
 class RegistrySection(Section):
@@ -151,6 +163,19 @@ class RegistrySection(Section):
     name: str = "adapter"
     alias: str = "champion"
     gate: GateSection = Field(default_factory=GateSection)
+
+
+class MlflowSection(Section):
+    # An MLflow tracking URI (http://..., sqlite:///..., a folder); None: $MLFLOW_TRACKING_URI.
+    tracking_uri: str | None = None
+    experiment: str = "loraflow"
+    registered_model: str | None = None  # the MLflow model the registry is mirrored to; None: registry.name
+
+
+class TrackingSection(Section):
+    tensorboard: bool = True  # event files under runs/<id>/tensorboard
+    # MLflow (pip install 'loraflow[mlflow]'): on when this section is given or $MLFLOW_TRACKING_URI is set.
+    mlflow: MlflowSection | None = None
 
 
 class ClusterSection(Section):
@@ -197,6 +222,7 @@ class PipelineConfig(Section):
     registry: RegistrySection = Field(default_factory=RegistrySection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     tune: TuneSection | None = None
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     # Where the file came from: relative data paths resolve against it. Not part of fingerprints.
     source_path: str | None = Field(None, exclude=True)
@@ -222,8 +248,10 @@ class PipelineConfig(Section):
         return str((base / path).resolve())
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run: names the file, the key and the value."""
+
+    exit_code = 2
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workflows import __version__
+from workflows import __version__, tracking
 from workflows.adapters import AdapterFiles
 from workflows.artifacts import atomic_write_json, fingerprint, stage_output
 from workflows.config import PipelineConfig, check_runs_dir
 from workflows.prepared import PreparedData
 from workflows.registry.references import ResolvedAdapter, champion_for, resolve_adapter
+from workflows.registry.sqlite import Registry
 from workflows.storage import WorkStore, join, read_json
 
 
@@ -211,8 +212,8 @@ def _prepare(run: StageRun) -> dict[str, Any]:
     if run.stage.fresh:
         from workflows.prepare.stage import run_prepare
 
-        run_prepare(run.config, run.stage.dir)
-        run.publish()
+        # Every node writes straight to the stage's place in the store, committed by run_prepare.
+        run_prepare(run.config, run.stage.uri)
     # Remote: the shards are read straight from the store, by whichever node reads them.
     m = PreparedData.load(run.stage.uri).manifest
     return {"dir": run.stage.uri, "counts": m.get("counts", {}), "input_digest": m.get("input_digest"),
@@ -264,6 +265,7 @@ def _register(run: StageRun) -> dict[str, Any]:
         }
         with AdapterFiles.read(run.inputs["train"]["adapter"]).materialized() as adapter_dir:
             version, decision = register_and_gate(run.config, adapter_dir, run.inputs["evaluate"]["metrics"], lineage)
+        tracking.mirror_registration(run.config, Registry(run.config.registry.root), run.config.registry.name, version)
         with stage_output(run.stage.dir) as tmp:
             atomic_write_json(tmp / "register.json", {"name": run.config.registry.name, "version": version,
                                                      "decision": decision.to_dict()})

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -39,6 +40,7 @@ from workflows.artifacts import (
     cache_root,
     is_complete,
     is_uri,
+    stage_output,
 )
 from workflows.config import ConfigError
 
@@ -311,3 +313,74 @@ class WorkStore:
             download_dir(self.fs, src, tmp, skip=(SUCCESS,))
             (tmp / SUCCESS).write_bytes(marker)
         return local
+
+
+# --- writing from any node: stage outputs built in place ------------------------------------------
+
+
+def open_output(location: str | Path) -> pa.NativeFile:
+    """A stream writing the file `location` (local path or URI); local parent folders are created."""
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return fs.open_output_stream(path)
+
+
+def write_parquet(table: pa.Table, location: str | Path) -> None:
+    with open_output(location) as f:
+        pq.write_table(table, f)
+
+
+def write_json(obj: Any, location: str | Path) -> None:
+    with open_output(location) as f:
+        f.write((json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def parquet_schema(location: str | Path) -> dict[str, str]:
+    """{column: type} of a Parquet file, local or remote."""
+    fs, path = resolve(location)
+    return {f.name: str(f.type) for f in pq.read_schema(path, filesystem=fs)}
+
+
+def delete_dir(location: str | Path) -> None:
+    fs, path = resolve(location)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def move_dir(src: str | Path, dst: str | Path) -> None:
+    """Move a folder's files to `dst` (replacing what was there): a rename locally, copies remotely."""
+    delete_dir(dst)
+    fs, source = resolve(src)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(resolve(dst)[1]).parent.mkdir(parents=True, exist_ok=True)
+        if fs.get_file_info(source).type == pafs.FileType.Directory:
+            os.rename(source, resolve(dst)[1])
+        return
+    _, target = resolve(dst)
+    for rel in list_files(fs, source):
+        fs.copy_file(f"{source}/{rel}", f"{target}/{rel}")
+    delete_dir(src)
+
+
+@contextlib.contextmanager
+def committed_dir(location: str | Path) -> Iterator[str]:
+    """Yield where a stage writes its files, from any node; commit them on a clean exit.
+
+    Local: a temp folder beside `location`, renamed into place after `_SUCCESS` is written in it
+    (`artifacts.stage_output`). Object store: the prefix itself, cleared of what an unfinished
+    attempt left; `_SUCCESS` (with a fresh id) is uploaded last, and that upload is the commit. On
+    error nothing is committed. A complete `location` is never overwritten.
+    """
+    if not is_uri(location):
+        with stage_output(location) as tmp:
+            yield str(tmp)
+        return
+    fs, root = resolve(location)
+    if fs.get_file_info(f"{root}/{SUCCESS}").type == pafs.FileType.File:
+        raise FileExistsError(f"{location} is already complete; refusing to overwrite it")
+    fs.delete_dir_contents(root, missing_dir_ok=True)
+    yield str(location).rstrip("/")
+    with fs.open_output_stream(f"{root}/{SUCCESS}") as f:
+        f.write(json.dumps({"published": uuid.uuid4().hex}).encode())

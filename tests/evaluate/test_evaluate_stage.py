@@ -218,9 +218,12 @@ def test_classification_with_a_merged_adapter_agrees_with_the_reference(ray_sess
                            r=8, alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
     config = config_from_dict({"model": {"name": "tiny-bert", "task": "seq_cls"},
                                "data": {"source": "unused.csv", "format": "classification"},
-                               "eval": {"actors": 1, "batch_size": 4, "compare_base": False, "bootstrap_samples": 0}})
+                               "eval": {"actors": 1, "batch_size": 4, "compare_base": False, "bootstrap_samples": 0,
+                                        "gpus_per_actor": 0.5}})
     metrics = run_evaluate(config, prepared, AdapterFiles.read(adapter), tmp_path / "evaluate").metrics
     assert metrics["merged"] and set(metrics["models"]) == {"new"}
+    assert [a["gpus"] for a in metrics["actors"].values()] == [0.5]  # what Ray assigned the actor
+    assert metrics["padding_fraction"] < 0.2  # rows sorted by length before they are batched
 
     model, _ = _fresh_model("tiny-bert", adapter, task="seq_cls", num_labels=len(names))
     labels, preds, losses = [], [], []

@@ -52,9 +52,24 @@ def test_a_guard_within_its_bound_lets_promotion_through():
     assert all(g["ok"] for g in d.numbers["guards"].values())
 
 
-def test_the_first_adapter_is_promoted_only_when_promote_first():
-    assert decide(GateSection(), {"loss": 3.0}, None).promote
-    assert not decide(GateSection(promote_first=False), {"loss": 3.0}, None).promote
+def test_without_a_champion_the_first_adapter_must_beat_the_base():
+    gate = GateSection(metric="accuracy", direction="max", min_delta=0.01)
+    d = decide(gate, {"accuracy": 0.9}, None, base_metrics={"accuracy": 0.013})
+    assert d.promote and d.numbers["compared_with"] == "base" and d.numbers["base"] == 0.013
+    d = decide(gate, {"accuracy": 0.013}, None, base_metrics={"accuracy": 0.013})
+    assert not d.promote and "accuracy 0.013 vs base 0.013" in d.reason  # a chance-level adapter
+
+
+def test_a_first_adapter_whose_interval_includes_no_gain_is_not_promoted():
+    gate = GateSection(metric="loss")
+    d = decide(gate, {"loss": 1.9}, None, base_metrics={"loss": 2.0}, ci95_vs_base=[-0.3, 0.05])
+    assert not d.promote and "does not exclude no improvement" in d.reason
+    assert decide(gate, {"loss": 1.9}, None, base_metrics={"loss": 2.0}, ci95_vs_base=[-0.3, -0.02]).promote
+
+
+def test_without_a_champion_or_base_scores_nothing_is_promoted():
+    d = decide(GateSection(), {"loss": 0.1}, None)
+    assert not d.promote and "eval.compare_base is off" in d.reason
 
 
 def test_a_missing_metric_names_it_and_the_available_ones():
@@ -78,8 +93,8 @@ def _config(root, **gate):
                              "registry": {"root": str(root), "name": "demo", "gate": gate}})
 
 
-def _eval(new_loss, champion_loss=None, champion_ref=None):
-    models = {"base": {"loss": 5.0}, "new": {"loss": new_loss}}
+def _eval(new_loss, champion_loss=None, champion_ref=None, base_loss=5.0):
+    models = {"base": {"loss": base_loss}, "new": {"loss": new_loss}}
     out = {"models": models, "diff": {}, "rows": 10}
     if champion_ref:
         models["champion"] = {"loss": champion_loss}
@@ -100,6 +115,13 @@ def test_the_first_adapter_becomes_champion(setup):
     assert (version, decision.promote, reg.alias_version("demo", "champion")) == (1, True, 1)
     assert reg.get("demo:1").metrics == {"loss": 2.0}
     assert reg.get("demo:1").lineage["run_id"] == "r1"
+
+
+def test_a_first_adapter_no_better_than_the_base_is_registered_but_not_promoted(setup):
+    cfg, reg, adapters = setup
+    version, decision = register_and_gate(cfg, adapters[0], _eval(4.4, base_loss=4.4), {})
+    assert version == 1 and not decision.promote and reg.alias_version("demo", "champion") is None
+    assert reg.decisions("demo", 1)[0]["numbers"]["base"] == 4.4
 
 
 def test_a_better_adapter_takes_over_with_the_numbers_recorded(setup):

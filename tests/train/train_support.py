@@ -107,3 +107,31 @@ def base_probe_loop(loop_config: dict[str, Any]) -> Any:
     out = Path(loop_config["worker"].run_dir) / f"base-digest-rank{rank}.json"
     out.write_text(json.dumps({"before": seen["before"], "after": tensors_digest(frozen(seen["model"]))}))
     return result
+
+
+def cache_build_loop(loop_config: dict[str, Any]) -> Any:
+    """Every worker builds SmolLM2's converted folder in one empty cache, rank 1 first: the folder
+    must come out complete (transformers writes nothing on a distributed rank other than 0 unless
+    told to) and load on both ranks. Returns what each rank saw."""
+    import os
+    import time
+
+    import ray.train
+
+    from workflows import models
+
+    os.environ["LORAFLOW_CACHE"] = loop_config["cache"]
+    rank = ray.train.get_context().get_world_rank()
+    started = Path(loop_config["cache"]) / "rank1-started"
+    started.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 1:
+        started.touch()
+    else:  # let rank 1 take the lock and build
+        while not started.exists():
+            time.sleep(0.05)
+        time.sleep(1.0)
+    folder = models._smollm2_model_dir()
+    model, _ = models.load_base("smollm2-135m")
+    files = sorted(p.name for p in folder.iterdir())
+    ray.train.report({"rank": rank, "files": ",".join(files), "params": sum(p.numel() for p in model.parameters())})
+    return {"files": files}

@@ -1,9 +1,9 @@
-"""The per-record work of the prepare stage, as Ray Data `map_batches` callables.
+"""The per-record work of the prepare stage, as a Ray Data `map_batches` callable.
 
-`EncodeExamples` turns raw records (`workflows.sources.RECORD_SCHEMA`) into one output row per
-record: an encoded example assigned to `train` or `eval`, or a `reject` with its reason. Nothing
-is dropped here, so the stage can count every record. `MarkDuplicates` then relabels repeated
-examples as `duplicate` (one actor sees the whole stream).
+`EncodeExamples` turns raw records (`workflows.prepare.read_records.RECORD_SCHEMA`) into one
+output row per record: an encoded example assigned to `train` or `eval`, or a `reject` with its
+reason. Nothing is dropped here, so the stage can count every record; duplicates are found later,
+per bucket (`workflows.prepare.finalize`).
 
 Output columns (`encoded_schema(task)`): `kind`, `reason`, `detail`, `source`, `row`, `raw`
 (rejects only, first 2,000 characters), `example_id`, `input_ids` (list<int32>), `truncated`,
@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from workflows.config import DataSection
 from workflows.models import load_tokenizer
 from workflows.prepare.formats import (
     IGNORE_INDEX,
@@ -57,11 +58,11 @@ class EncodeExamples:
     ships it through pickling and breaks remote-code tokenizers).
     """
 
-    def __init__(self, model_name: str, data: dict[str, Any], task: str, has_eval_source: bool):
-        self.data, self.task, self.has_eval_source = data, task, has_eval_source
+    def __init__(self, model_name: str, data: DataSection, task: str):
+        self.data, self.task = data, task
         self.tokenizer = load_tokenizer(model_name)
-        self.encoder = ExampleEncoder(self.tokenizer, data["format"], data["max_seq_len"], data["template"],
-                                      data["truncate"], data["train_on_inputs"])
+        self.encoder = ExampleEncoder(self.tokenizer, data.format, data.max_seq_len, data.template,
+                                      data.truncate, data.train_on_inputs)
         self.schema = encoded_schema(task)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -73,8 +74,8 @@ class EncodeExamples:
                 if error:
                     reason, _, detail = error.partition(": ")
                     raise RowError(reason, detail or "rejected while reading")
-                example = canonical_example(parse_record(raw), self.data["format"], self.data["fields"],
-                                            self.data["system_prompt"])
+                example = canonical_example(parse_record(raw), self.data.format, self.data.fields,
+                                            self.data.system_prompt)
             except RowError as e:
                 self._reject(columns, source, row, raw, e)
                 continue
@@ -89,9 +90,9 @@ class EncodeExamples:
     def _kind(self, origin: str, ex_id: str) -> str:
         if origin == "eval":
             return "eval"
-        if self.has_eval_source:
+        if self.data.eval_source is not None:
             return "train"
-        return "eval" if eval_side(ex_id, self.data["seed"], self.data["eval_fraction"]) else "train"
+        return "eval" if eval_side(ex_id, self.data.seed, self.data.eval_fraction) else "train"
 
     def _reject(self, columns: dict[str, list], source: str, row: int, raw: bytes, error: RowError) -> None:
         values = {"kind": "reject", "reason": error.reason, "detail": error.detail, "source": source, "row": row,
@@ -118,9 +119,9 @@ class EncodeExamples:
     def _add_classification(self, columns: dict[str, list], examples: list[dict], kept: list[tuple]) -> None:
         ids, truncated = self.encoder.encode_classification([ex["text"] for ex in examples])
         for example, (origin, source, row, raw), tokens, cut in zip(examples, kept, ids, truncated):
-            if cut and not self.data["truncate"]:
+            if cut and not self.data.truncate:
                 self._reject(columns, source, row, raw, RowError(
-                    "too_long", f"{len(tokens)} tokens > max_seq_len {self.data['max_seq_len']} "
+                    "too_long", f"{len(tokens)} tokens > max_seq_len {self.data.max_seq_len} "
                                 "(data.truncate is off)"))
                 continue
             ex_id = example_id(example)
@@ -128,25 +129,3 @@ class EncodeExamples:
                 "kind": self._kind(origin, ex_id), "source": source, "row": row, "example_id": ex_id,
                 "input_ids": tokens, "label_name": example["label"], "text": example["text"],
                 "truncated": cut, "num_tokens": len(tokens)})
-
-
-class MarkDuplicates:
-    """Relabel the second and later copies of an example (same content id) as `duplicate`.
-
-    Run with an actor pool of size 1 so one set sees every example; the set holds one short
-    string per distinct example (~100 bytes each: 10M examples ~ 1 GB). Which copy is kept does
-    not matter: duplicates have identical content, hence identical tokens.
-    """
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        kinds = batch.column("kind").to_pylist()
-        for i, (kind, ex_id) in enumerate(zip(kinds, batch.column("example_id").to_pylist())):
-            if kind in ("train", "eval"):
-                if ex_id in self.seen:
-                    kinds[i] = "duplicate"
-                else:
-                    self.seen.add(ex_id)
-        return batch.set_column(batch.schema.get_field_index("kind"), "kind", pa.array(kinds, pa.string()))

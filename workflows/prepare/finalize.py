@@ -97,10 +97,11 @@ def finalize_bucket(plan: BucketPlan, bucket: int) -> dict[str, Any]:
         out["truncated"] += int(pc.sum(table.column("truncated")).as_py() or 0)
         lengths = np.asarray(table.column("num_tokens"))
         out["tokens"][split] = {"hist": np.bincount(lengths, minlength=plan.max_seq_len + 1).tolist(),
-                                "trained": int(np.asarray(table.column("num_trained")).sum())}
+                                # classification: every token feeds the one label
+                                "trained": int(np.asarray(table.column("num_trained" if "num_trained" in
+                                                                       table.column_names else "num_tokens")).sum())}
         shard = _final_rows(plan, split, table)
-        with fs.open_output_stream(storage.resolve(final(plan.root, split, bucket))[1]) as f:
-            pq.write_table(shard, f)
+        storage.write_parquet(shard, final(plan.root, split, bucket))
         out["rows"][split], out["digests"][split] = shard.num_rows, digest_rows(shard)
     return out
 
@@ -156,7 +157,5 @@ def cap_eval(plan: BucketPlan, bucket: int, threshold: str) -> dict[str, Any]:
 
 def write_empty(root: str, task: str, split: str) -> str:
     """An empty `split/part-00000.parquet` with the split's schema, so readers always find one."""
-    fs, path = storage.resolve(storage.join(root, split, "part-00000.parquet"))
-    with fs.open_output_stream(path) as f:
-        pq.write_table(SCHEMAS[task, split].empty_table(), f)
+    storage.write_parquet(SCHEMAS[task, split].empty_table(), storage.join(root, split, "part-00000.parquet"))
     return f"{split}/part-00000.parquet"

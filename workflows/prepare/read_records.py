@@ -5,8 +5,8 @@ Every reader yields the same block schema, one row per input record:
 | column   | type   | meaning |
 |----------|--------|---------|
 | `origin` | string | "train" or "eval" (which of `data.source` / `data.eval_source` it came from) |
-| `source` | string | the file it was read from |
-| `row`    | int64  | JSONL: 1-based line number; CSV: line where the record starts (the header is line 1); Parquet / HF Arrow: 1-based record index |
+| `source` | string | the file it was read from; for a streamed HF dataset, its pinned `hf:` spec |
+| `row`    | int64  | JSONL: 1-based line number; CSV: line where the record starts (the header is line 1); Parquet / HF Arrow: 1-based record index; streamed HF dataset: 1-based index in the stream |
 | `raw`    | binary | the record as JSON bytes (JSONL: the line exactly as stored) |
 | `error`  | string | null, or a reject reason found while reading (`invalid_utf8`, `malformed_csv`) |
 
@@ -14,21 +14,29 @@ Why not `ray.data.read_json` / `read_text`: `read_json` fails the whole dataset 
 line, and `read_text` decodes whole files at once (one invalid byte fails the file) and splits on
 Unicode line separators that may sit unescaped inside valid JSON strings. Here JSONL is split on
 raw `\\n` bytes and parsing happens later, per line, where a failure becomes a numbered reject.
+
+A streamed HF dataset (`data.streaming`, `HfStreamDatasource`) is read by one task, in stream
+order, which numbers its rows as it goes: the numbers are exact whatever runs downstream, and a
+row limit (`data.max_rows`) stops the stream after that many rows.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data.datasource import FileBasedDatasource
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, FileBasedDatasource, ReadTask
 
-from workflows.prepare.inputs import uncompressed_name
+from workflows.prepare.inputs import HF_STREAM, open_stream, uncompressed_name
 
 RECORD_SCHEMA = pa.schema([("origin", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                            ("raw", pa.binary()), ("error", pa.string())])
@@ -75,20 +83,62 @@ class RecordsDatasource(FileBasedDatasource):
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         kind = self._kinds.get(path) or next(k for p, k in self._kinds.items() if p.endswith(path))
-        builder = _BlockBuilder(self._origin, path)
         reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": self._parquet_records,
                   "arrow": _arrow_records}[kind]
-        for row, raw, error in reader(f, path):
-            if (block := builder.add(row, raw, error)) is not None:
-                yield block
-        if (block := builder.flush()) is not None:
-            yield block
+        yield from _blocks(_BlockBuilder(self._origin, path), reader(f, path))
 
     def _parquet_records(self, f: pa.NativeFile, path: str) -> Iterator[tuple[int, bytes, str | None]]:
         # Parquet needs random access; the stream Ray opened does not seek.
         with self._filesystem.open_input_file(path) as seekable:
             parquet = pq.ParquetFile(seekable)
             yield from _table_records(parquet.iter_batches(batch_size=ROWS_PER_BLOCK))
+
+
+class HfStreamDatasource(Datasource):
+    """A streamed HF dataset (`inputs.open_stream` of a pinned spec) as numbered raw records, read
+    by one task in stream order: the only way its row numbers are exact, as a stream has no index.
+    `max_rows` stops the stream there (Ray Data's `limit` would let the task stream on until the
+    whole execution ends)."""
+
+    def __init__(self, spec: str, origin: str, max_rows: int | None = None):
+        self._spec, self._origin, self._max_rows = spec, origin, max_rows
+
+    def get_name(self) -> str:
+        return "HfStream"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None  # unknown until streamed
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        limit = min((n for n in (self._max_rows, per_task_row_limit) if n is not None), default=None)
+        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        read = functools.partial(_stream_blocks, self._spec, self._origin, limit)
+        return [ReadTask(read, meta, schema=RECORD_SCHEMA, per_task_row_limit=per_task_row_limit)]
+
+
+def _stream_blocks(spec: str, origin: str, limit: int | None) -> Iterator[pa.Table]:
+    stream = open_stream(spec).with_format("arrow")  # Arrow batches, no per-row feature decoding
+    records = _table_records(stream.iter(batch_size=min(ROWS_PER_BLOCK, limit or ROWS_PER_BLOCK)))
+    yield from _blocks(_BlockBuilder(origin, spec), itertools.islice(records, limit))
+
+
+def read_datasets(entries: list[tuple[str, str]], origin: str, max_rows: int | None = None) -> list[ray.data.Dataset]:
+    """Ray datasets of numbered records for one origin's `(file or spec, kind)` entries: the files in
+    one `RecordsDatasource`, each streamed HF dataset in its own `HfStreamDatasource`, which reads
+    at most `max_rows` (`data.max_rows`: the caller still limits the union)."""
+    files = [(f, kind) for f, kind in entries if kind != HF_STREAM]
+    parts = [ray.data.read_datasource(RecordsDatasource(files, origin))] if files else []
+    return parts + [ray.data.read_datasource(HfStreamDatasource(spec, origin, max_rows))
+                    for spec, kind in entries if kind == HF_STREAM]
+
+
+def _blocks(builder: _BlockBuilder, records: Iterable[tuple[int, bytes, str | None]]) -> Iterator[pa.Table]:
+    for row, raw, error in records:
+        if (block := builder.add(row, raw, error)) is not None:
+            yield block
+    if (block := builder.flush()) is not None:
+        yield block
 
 
 def _jsonl_records(f: pa.NativeFile, path: str, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, None]]:

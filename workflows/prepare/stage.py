@@ -1,19 +1,23 @@
 """The prepare stage: raw data in, tokenized training-ready Parquet shards out, via Ray Data.
 
-One streaming pass does all the per-row work:
+Two distributed passes, neither of which brings rows to the driver:
 
-    read (numbered raw records, workflows/sources.py)
-      -> EncodeExamples   actor pool: validate, render, tokenize, mask, split by content hash
-      -> MarkDuplicates   one actor: exact duplicates by content hash
-      -> TokenizedShardWriter  routes rows to rejects/ eval/ train/, packs train, summarises
+    1. read (numbered raw records, `read_records`)
+         -> EncodeExamples        actor pool: validate, render, tokenize, mask, split by content hash
+         -> BucketedShardWriter   write tasks on any node: rejects/, and train/eval rows staged in
+                                  buckets by a hash of their content id (`shard_writer`)
+    2. one task per bucket        dedupe, seeded order, pack, final shards (`finalize`)
 
-The driver plans, adds up the writers' summaries, checks the reject fraction, and finalises the
-splits file by file (label ids, the eval cap, at least `num_shards` shards), then writes the
-manifest. Memory stays flat as the input grows: nothing holds more than one write bundle.
+The driver plans, adds up the small summaries the tasks return, checks the reject fraction, caps
+eval, and writes the manifest. Every file is written by the task that made it, straight to the
+stage's output: a temp folder renamed into place for a local work directory, the final prefix of
+an object store (committed by `_SUCCESS`, uploaded last). Memory stays flat as the input grows:
+a write task holds one bundle, a bucket task one bucket, and the bucket count grows with the input.
 
-Determinism: the datasets run with `preserve_order` and read blocks have fixed sizes, so every
-write bundle (and thus every packing window) is the same slice of the same stream on every run;
-`rows_digest` (order-independent, over row contents) shows it.
+Determinism: a row's bucket and its place in the final order are functions of its content (and
+`data.seed`) only, so the output is the same whatever the parallelism or the arrival order;
+`rows_digest` (order-independent, over row contents) shows it. Only `data.max_rows` (the first N
+rows of the input) needs the read in file order.
 
 Layout and manifest keys: docs/artifacts.md.
 """
@@ -21,28 +25,29 @@ Layout and manifest keys: docs/artifacts.md.
 from __future__ import annotations
 
 import hashlib
-import shutil
+import math
 import time
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 
-from workflows import __version__
-from workflows.artifacts import atomic_write_json, stage_output
+from workflows import __version__, storage
+from workflows.artifacts import UserError
 from workflows.config import PipelineConfig
 from workflows.models import load_tokenizer, tokenizer_fingerprint
-from workflows.prepare.encode import EncodeExamples, MarkDuplicates
+from workflows.prepare.encode import EncodeExamples
+from workflows.prepare.finalize import BucketPlan, cap_eval, finalize_bucket, write_empty
 from workflows.prepare.formats import ExampleEncoder
-from workflows.prepare.inputs import input_digest, input_files
-from workflows.prepare.read_records import RecordsDatasource
-from workflows.prepare.shard_writer import TokenizedShardWriter, finalize_splits
-from workflows.prepare.stats import label_vocabulary, merge_summaries, token_summary
+from workflows.prepare.inputs import input_digest, input_files, input_size
+from workflows.prepare.read_records import read_datasets
+from workflows.prepare.shard_writer import BucketedShardWriter, merge_summaries
+from workflows.prepare.stats import combine_digests, label_vocabulary, merge_tokens, token_summary
 from workflows.prepared import PreparedData
 
+BUCKET_INPUT_BYTES = 64 * 2**20  # raw input per bucket: what bounds a bucket task's memory
 
-class PrepareError(RuntimeError):
+
+class PrepareError(UserError, RuntimeError):
     """The data cannot make a usable training set (e.g. too many rejected rows)."""
 
 
@@ -59,19 +64,13 @@ def _check_config(config: PipelineConfig) -> None:
         raise ValueError("data.pack: true is for causal LM formats; classification rows are never packed")
 
 
-def _ordered(ds: Any) -> Any:
-    ds.context.execution_options.preserve_order = True
-    return ds
-
-
-def _check_reject_fraction(stats: dict[str, Any], max_fraction: float, rejects: Path, keep_at: Path) -> None:
+def _check_reject_fraction(stats: dict[str, Any], max_fraction: float, root: str, keep_at: str) -> None:
     read, rejected = stats["counts"]["rows_read"], stats["counts"].get("reject", 0)
     if read == 0:
         raise PrepareError("the data sources hold no rows")
     if rejected / read <= max_fraction:
         return
-    shutil.rmtree(keep_at, ignore_errors=True)
-    shutil.move(str(rejects), str(keep_at))  # outside the stage dir, which is discarded on failure
+    storage.move_dir(storage.join(root, "rejects"), keep_at)  # the stage's output is discarded
     top = sorted(stats["reasons"].items(), key=lambda kv: -kv[1])[:5]
     lines = "\n".join(f"  {reason}: {n} (e.g. {stats['examples'][reason]})" for reason, n in top)
     raise PrepareError(
@@ -80,52 +79,69 @@ def _check_reject_fraction(stats: dict[str, Any], max_fraction: float, rejects: 
         f"{keep_at}/ (Parquet). Fix the data or the field mapping (data.fields), or raise the threshold.")
 
 
-def _write_shards(config: PipelineConfig, files: dict[str, list[tuple[str, str]]], task: str, root: Path,
-                  packed: bool) -> list[dict[str, Any]]:
-    """The one streaming pass; returns the write tasks' summaries (see shard_writer)."""
+def num_buckets(config: PipelineConfig, files: dict[str, list[tuple[str, str]]]) -> int:
+    """At least `data.num_shards` (default: the train workers, at least 2), more for large inputs."""
     data = config.data
-    parts = [_ordered(ray.data.read_datasource(RecordsDatasource(entries, origin)))
-             for origin, entries in files.items() if entries]
+    least = data.num_shards or max(2, config.train.num_workers)
+    return max(least, math.ceil(input_size(files) / BUCKET_INPUT_BYTES))
+
+
+def _encode_and_stage(config: PipelineConfig, files: dict[str, list[tuple[str, str]]], task: str, root: str,
+                      buckets: int) -> list[dict[str, Any]]:
+    """Pass 1; returns the write tasks' summaries."""
+    data = config.data
+    # Files in one datasource per origin; a streamed HF dataset (data.streaming) in its own.
+    parts = [part for origin, entries in files.items() for part in read_datasets(entries, origin, data.max_rows)]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if data.max_rows is not None:
+    if data.max_rows is not None:  # the first N records: only then does the read order matter
+        ds.context.execution_options.preserve_order = True
         ds = ds.limit(data.max_rows)
-    ds = ds.map_batches(
-        EncodeExamples, fn_constructor_args=(config.model.name, config.section("data"), task,
-                                             data.eval_source is not None),
-        batch_format="pyarrow", batch_size=data.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=data.tokenize_actors), num_cpus=1)
-    if data.dedupe:
-        ds = ds.map_batches(MarkDuplicates, batch_format="pyarrow", batch_size=None,
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
-    writer = TokenizedShardWriter(root, task, packed, data.max_seq_len)
-    # The writes are pinned to the driver's node (the stage directory is local there). A cluster's
-    # head usually offers no CPUs (cluster/kuberay: num-cpus "0") and a job's driver runs on the
-    # head, so the write tasks must not reserve one: Ray would refuse to schedule them there.
+    ds = ds.map_batches(EncodeExamples, fn_constructor_args=(config.model.name, data, task),
+                        batch_format="pyarrow", batch_size=data.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=data.tokenize_actors), num_cpus=1)
+    writer = BucketedShardWriter(root, task, buckets)
+    # No CPU reserved: a cluster's head usually offers none (cluster/kuberay: num-cpus "0"), and the
+    # writes are I/O that must not wait behind the encoding actors.
     ds.write_datasink(writer, ray_remote_args={"num_cpus": 0})
     return writer.results
 
 
-def run_prepare(config: PipelineConfig, out_dir: str | Path) -> PreparedData:
-    """Run the stage and commit `out_dir` (temp dir -> `_SUCCESS` -> rename). Uses the running
-    Ray instance (or starts a local one). Raises PrepareError when too many rows are rejected;
-    the rejects are then kept beside `out_dir` as `<name>.rejects/`."""
+def _finalize(plan: BucketPlan, buckets: int, max_eval_rows: int | None) -> list[dict[str, Any]]:
+    """Pass 2, then the eval cap: the first `max_eval_rows` eval rows of the seeded order."""
+    task = ray.remote(num_cpus=1)(finalize_bucket)
+    results = ray.get([task.remote(plan, b) for b in range(buckets)])
+    eval_keys = sorted(k for r in results for k in r["eval_keys"])
+    if max_eval_rows is not None and len(eval_keys) > max_eval_rows:
+        threshold = eval_keys[max_eval_rows - 1]
+        cap = ray.remote(num_cpus=1)(cap_eval)
+        capped = {c["bucket"]: c for c in ray.get([cap.remote(plan, r["bucket"], threshold)
+                                                    for r in results if r["rows"].get("eval")])}
+        for r in results:
+            if r["bucket"] in capped:
+                r["rows"]["eval"], r["digests"]["eval"] = capped[r["bucket"]]["rows"], capped[r["bucket"]]["digest"]
+    return results
+
+
+def run_prepare(config: PipelineConfig, out: str) -> PreparedData:
+    """Run the stage and commit its output at `out` (a local path or a store URI). Uses the running
+    Ray instance. Raises PrepareError when too many rows are rejected; the rejects are then kept
+    beside `out` as `<out>.rejects/`."""
     _check_config(config)
     data, task, started = config.data, task_of(config), time.time()
-    out_dir = Path(out_dir)
     tokenizer = load_tokenizer(config.model.name)
     # Fails here, in the driver, on a template/EOS problem instead of once per row in the actors.
     encoder = ExampleEncoder(tokenizer, data.format, data.max_seq_len, data.template, data.truncate)
     packed = task == "causal_lm" and data.pack is not False
     files = input_files(config)
-    digest = input_digest(config)
-    with stage_output(out_dir) as tmp:
-        results = _write_shards(config, files, task, tmp, packed)
-        stats = merge_summaries([r["summary"] for r in results], data.max_seq_len)
-        _check_reject_fraction(stats, data.max_reject_fraction, tmp / "rejects",
-                               out_dir.parent / f"{out_dir.name}.rejects")
+    buckets = num_buckets(config, files)
+    with storage.committed_dir(out) as root:
+        stats = merge_summaries(_encode_and_stage(config, files, task, root, buckets))
+        _check_reject_fraction(stats, data.max_reject_fraction, root, f"{str(out).rstrip('/')}.rejects")
         labels = label_vocabulary(stats["labels"]) if task == "seq_cls" else None
-        shards, rows_digest = finalize_splits(tmp, results, task, labels, data.max_eval_rows,
-                                              data.num_shards or max(2, config.train.num_workers))
+        plan = BucketPlan(root, task, packed, data.max_seq_len, data.seed, data.dedupe, labels)
+        results = _finalize(plan, buckets, data.max_eval_rows)
+        storage.delete_dir(storage.join(root, "_staging"))
+        shards = _shards(root, task, results)
         manifest = {
             "task": task, "format": data.format, "packed": packed, "max_seq_len": data.max_seq_len,
             "model_name": config.model.name, "label_names": labels,
@@ -133,33 +149,48 @@ def run_prepare(config: PipelineConfig, out_dir: str | Path) -> PreparedData:
             "tokenizer": {"name": config.model.name, "fingerprint": tokenizer_fingerprint(tokenizer),
                           "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
                           "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id},
-            "input_digest": digest,
+            "input_digest": input_digest(config),
             "input_files": {origin: [path for path, _ in entries] for origin, entries in files.items()},
-            "rows_digest": rows_digest, "shards": shards,
-            "schema": {split: {f.name: str(f.type) for f in pq.read_schema(tmp / shards[split][0])}
-                       for split in ("train", "eval")},
+            "rows_digest": {split: combine_digests([r["digests"][split] for r in results if split in r["digests"]
+                                                    and r["rows"].get(split)], "|".join(labels or []))
+                            for split in ("train", "eval")},
+            "shards": shards, "buckets": buckets, "seed": data.seed,
+            "schema": {split: storage.parquet_schema(storage.join(root, shards[split][0])) for split in ("train", "eval")},
             "loraflow_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": config.section("data"),
         }
-        manifest.update(_counts_and_tokens(stats, tmp, shards, packed, data.max_seq_len))
+        manifest.update(_counts_and_tokens(stats, results, packed, data.max_seq_len))
         manifest["seconds"] = round(time.time() - started, 2)
-        atomic_write_json(tmp / "manifest.json", manifest)
-    return PreparedData.load(out_dir)
+        storage.write_json(manifest, storage.join(root, "manifest.json"))
+    return PreparedData.load(out)
 
 
-def _counts_and_tokens(stats: dict[str, Any], root: Path, shards: dict[str, list[str]], packed: bool,
+def _shards(root: str, task: str, results: list[dict[str, Any]]) -> dict[str, list[str]]:
+    shards: dict[str, list[str]] = {}
+    for split in ("train", "eval"):
+        shards[split] = [f"{split}/part-{r['bucket']:05d}.parquet" for r in results if r["rows"].get(split)]
+        if not shards[split]:
+            shards[split] = [write_empty(root, task, split)]
+    fs, rejects = storage.resolve(storage.join(root, "rejects"))
+    shards["rejects"] = sorted(f"rejects/{name}" for name in storage.list_files(fs, rejects))
+    return shards
+
+
+def _counts_and_tokens(stats: dict[str, Any], results: list[dict[str, Any]], packed: bool,
                        max_seq_len: int) -> dict[str, Any]:
-    rows = {split: sum(pq.read_metadata(root / rel).num_rows for rel in files) for split, files in shards.items()}
     c = stats["counts"]
+    rows = {split: sum(r["rows"].get(split, 0) for r in results) for split in ("train", "eval")}
+    examples = {split: sum(r["examples"].get(split, 0) for r in results) for split in ("train", "eval")}
     counts = {"rows_read": c["rows_read"], "rejected": dict(sorted(stats["reasons"].items())),
-              "rejected_total": c.get("reject", 0), "truncated": stats["truncated"],
-              "deduplicated": c.get("duplicate", 0), "train_rows": c.get("train", 0),
-              "eval_rows": rows["eval"], "eval_capped": c.get("eval", 0) - rows["eval"],
+              "rejected_total": c.get("reject", 0), "truncated": sum(r["truncated"] for r in results),
+              "deduplicated": sum(r["duplicates"] for r in results), "train_rows": examples["train"],
+              "eval_rows": rows["eval"], "eval_capped": examples["eval"] - rows["eval"],
               "train_sequences": rows["train"], "packed_sequences": rows["train"] if packed else 0}
-    tokens = {split: token_summary(stats["tokens"][split]) for split in ("train", "eval")}
-    total = stats["tokens"]["train"]["total"]
-    # Share of a (rows x max_seq_len) layout that is padding: what packing saves.
-    tokens["padding_fraction"] = round(1 - total / (rows["train"] * max_seq_len), 4) if rows["train"] else 0.0
+    tokens = {split: token_summary(merge_tokens([r["tokens"][split] for r in results if split in r["tokens"]],
+                                                max_seq_len)) for split in ("train", "eval")}
+    # Share of the packed (rows x max_seq_len) layout that is padding: what packing leaves.
+    total = tokens["train"]["total"]
+    tokens["padding_fraction"] = round(1 - total / (rows["train"] * max_seq_len), 4) if packed and rows["train"] else None
     return {"counts": counts, "tokens": tokens}
 
 
@@ -179,4 +210,3 @@ def summary_rows(prepared: PreparedData) -> list[tuple[str, str]]:
     if m.get("label_names"):
         rows.append(("labels", f"{len(m['label_names'])}"))
     return rows
-

@@ -1,70 +1,35 @@
-"""Statistics of the prepare stage, reduced per batch in the workers.
+"""Statistics of the prepare stage, reduced in the tasks that hold the rows.
 
-Each write task turns its bundle into one small summary (counts, token-length histograms, label
-counts, a row-digest sum); the driver only adds summaries up, never loops over rows.
+Each bucket task returns small summaries (token-length histograms, row digests); the driver only
+adds them up, never loops over rows.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 DIGEST_BITS = 128
-_SPLITS = ("train", "eval")
 
 
-def batch_summary(batch: pa.Table, max_seq_len: int) -> dict[str, Any]:
-    """Counts by kind and reject reason (+ a first example of each), truncations, token-length
-    histograms and trained tokens per split, label counts: one encoded batch."""
-    kinds = np.asarray(batch.column("kind").to_pylist(), dtype=object)
-    summary: dict[str, Any] = {"counts": dict(Counter(kinds.tolist())), "reasons": {}, "examples": {},
-                               "truncated": 0, "tokens": {}, "labels": {}}
-    rejects = np.flatnonzero(kinds == "reject")
-    if len(rejects):
-        reasons = batch.column("reason").take(rejects).to_pylist()
-        summary["reasons"] = dict(Counter(reasons))
-        first = {r: i for i, r in reversed(list(zip(rejects.tolist(), reasons)))}
-        summary["examples"] = {r: f"{batch.column('source')[i]}:{batch.column('row')[i]}: {batch.column('detail')[i]}"
-                               for r, i in first.items()}
-    kept = np.isin(kinds, _SPLITS)
-    summary["truncated"] = int(np.asarray(batch.column("truncated").fill_null(False))[kept].sum())
-    lengths = np.asarray(batch.column("num_tokens").fill_null(0))
-    trained = np.asarray(batch.column("num_trained").fill_null(0)) if "num_trained" in batch.column_names else lengths
-    for split in _SPLITS:
-        mask = kinds == split
-        summary["tokens"][split] = {"hist": np.bincount(lengths[mask], minlength=max_seq_len + 1).tolist(),
-                                    "trained": int(trained[mask].sum())}
-    if "label_name" in batch.column_names:
-        summary["labels"] = dict(Counter(batch.column("label_name").filter(pa.array(kept)).to_pylist()))
-    return summary
+def merge_tokens(parts: list[dict[str, Any]], max_seq_len: int) -> dict[str, Any]:
+    """Add up `{"hist", "trained"}` token summaries; adds `total` (tokens)."""
+    hist = np.zeros(max_seq_len + 1, np.int64)
+    trained = 0
+    for p in parts:
+        h = np.asarray(p["hist"], np.int64)
+        hist[: len(h)] += h[: len(hist)]
+        trained += p["trained"]
+    return {"hist": hist, "trained": trained, "total": int((hist * np.arange(len(hist))).sum())}
 
 
-def merge_summaries(summaries: list[dict[str, Any]], max_seq_len: int) -> dict[str, Any]:
-    total: dict[str, Any] = {"counts": Counter(), "reasons": Counter(), "examples": {}, "truncated": 0,
-                             "labels": Counter(),
-                             "tokens": {s: {"hist": np.zeros(max_seq_len + 1, np.int64), "trained": 0} for s in _SPLITS}}
-    for s in summaries:
-        total["counts"].update(s["counts"])
-        total["reasons"].update(s["reasons"])
-        total["labels"].update(s["labels"])
-        total["truncated"] += s["truncated"]
-        for reason, where in s["examples"].items():
-            total["examples"].setdefault(reason, where)
-        for split in _SPLITS:
-            hist = np.asarray(s["tokens"][split]["hist"], np.int64)
-            if len(hist) > len(total["tokens"][split]["hist"]):
-                hist, total["tokens"][split]["hist"] = total["tokens"][split]["hist"], hist
-            total["tokens"][split]["hist"][: len(hist)] += hist
-            total["tokens"][split]["trained"] += s["tokens"][split]["trained"]
-    for split in _SPLITS:
-        hist = total["tokens"][split]["hist"]
-        total["tokens"][split]["total"] = int((hist * np.arange(len(hist))).sum())
-    total["counts"]["rows_read"] = sum(v for k, v in total["counts"].items() if k != "rows_read")
-    return {k: dict(v) if isinstance(v, Counter) else v for k, v in total.items()}
+def label_ids(names: pa.ChunkedArray, vocabulary: list[str]) -> pa.Array:
+    """The id (index in `vocabulary`) of each label name, as int64."""
+    return pc.index_in(names, value_set=pa.array(vocabulary, pa.string())).cast(pa.int64())
 
 
 def token_summary(tokens: dict[str, Any]) -> dict[str, Any]:

@@ -18,15 +18,17 @@ from typing import Any
 
 from workflows import __version__
 from workflows.adapters import CONFIG_FILE, WEIGHTS_FILE, content_sha256
-from workflows.artifacts import atomic_dir, sha256_file
+from workflows.artifacts import UserError, atomic_dir, sha256_file
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 ANY_HOLDER = object()  # `record_decision(expected_holder=ANY_HOLDER)`: move whoever holds the alias
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A registry operation that cannot be done as asked (bad name, unknown ref, deleted, ...)."""
+
+    exit_code = 2
 
 
 class RegistryIntegrityError(RegistryError):

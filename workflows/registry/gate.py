@@ -59,40 +59,53 @@ def _improvement(new: float, old: float, direction: str) -> float:
 
 
 def decide(gate: GateSection, new_metrics: dict[str, Any], champion_metrics: dict[str, Any] | None,
-           ci95: list[float] | None = None) -> Decision:
-    """Promote when the gated metric improves by more than `min_delta` and no guard metric regresses
-    by more than its bound. Without a champion, promote iff `promote_first`. Non-finite values never
-    promote. `ci95` (the eval's bootstrap interval of new - champion) is recorded, not used."""
-    metric = gate.metric
-    new = _value(new_metrics, metric, "new adapter's")
-    numbers: dict[str, Any] = {"metric": metric, "direction": gate.direction, "new": new, "min_delta": gate.min_delta}
-    if champion_metrics is None:
-        if gate.promote_first:
-            return Decision(True, f"first adapter: no champion yet ({metric}={new:.6g})", numbers)
-        return Decision(False, "no champion yet and registry.gate.promote_first is off", numbers)
+           ci95: list[float] | None = None, base_metrics: dict[str, Any] | None = None,
+           ci95_vs_base: list[float] | None = None) -> Decision:
+    """Promote when the gated metric improves on the champion by more than `min_delta` and no guard
+    metric regresses by more than its bound (`ci95`, the bootstrap interval of new - champion, is
+    recorded, not used). Without a champion the bar is the base model on the same rows, and when the
+    eval computed intervals (`ci95_vs_base`), the whole interval of the improvement must be above 0:
+    a first adapter is promoted only when it is better than no adapter at all. For classification
+    the base is an untrained head, i.e. chance. Non-finite values never promote."""
+    if champion_metrics is not None:
+        return _judge(gate, new_metrics, champion_metrics, "champion", ci95, require_ci=False)
+    if base_metrics is None:
+        numbers = {"metric": gate.metric, "direction": gate.direction, "compared_with": None}
+        return Decision(False, "no champion yet, and no base scores to compare with (eval.compare_base is off): "
+                               "a first adapter is promoted only when it beats the base", numbers)
+    return _judge(gate, new_metrics, base_metrics, "base", ci95_vs_base, require_ci=True)
 
-    old = _value(champion_metrics, metric, "champion's")
+
+def _judge(gate: GateSection, new_metrics: dict[str, Any], other_metrics: dict[str, Any], who: str,
+           ci: list[float] | None, require_ci: bool) -> Decision:
+    metric = gate.metric
+    new, old = _value(new_metrics, metric, "new adapter's"), _value(other_metrics, metric, f"{who}'s")
     gain = _improvement(new, old, gate.direction)
-    numbers.update(champion=old, delta=new - old, improvement=gain)
-    if ci95 is not None:
-        numbers["ci95_new_minus_champion"] = list(ci95)
+    numbers: dict[str, Any] = {"metric": metric, "direction": gate.direction, "new": new, "min_delta": gate.min_delta,
+                               "compared_with": who, who: old, "delta": new - old, "improvement": gain}
+    if ci is not None:
+        numbers[f"ci95_new_minus_{who}"] = list(ci)
     if not (math.isfinite(new) and math.isfinite(old)):
-        return Decision(False, f"{metric} is not finite (new {new}, champion {old})", numbers)
+        return Decision(False, f"{metric} is not finite (new {new}, {who} {old})", numbers)
 
     guards, failed = {}, []
     for guard, bound in sorted(gate.guards.items()):
-        g_new, g_old = _value(new_metrics, guard, "new adapter's"), _value(champion_metrics, guard, "champion's")
+        g_new, g_old = _value(new_metrics, guard, "new adapter's"), _value(other_metrics, guard, f"{who}'s")
         regression = -_improvement(g_new, g_old, metric_direction(guard))
         ok = math.isfinite(regression) and regression <= bound
-        guards[guard] = {"new": g_new, "champion": g_old, "regression": regression, "bound": bound, "ok": ok}
+        guards[guard] = {"new": g_new, who: g_old, "regression": regression, "bound": bound, "ok": ok}
         if not ok:
             failed.append(f"{guard} regressed by {regression:.6g} > {bound:g}")
     numbers["guards"] = guards
 
+    versus = f"{metric} {new:.6g} vs {who} {old:.6g}"
     if gain <= gate.min_delta:
-        return Decision(False, f"{metric} {new:.6g} vs champion {old:.6g}: improvement {gain:.6g} "
-                               f"is not above min_delta {gate.min_delta:g}", numbers)
+        return Decision(False, f"{versus}: improvement {gain:.6g} is not above min_delta {gate.min_delta:g}", numbers)
+    if require_ci and ci is not None:
+        worst = ci[0] if gate.direction == "max" else -ci[1]  # the least favourable end, as an improvement
+        if not worst > 0:
+            return Decision(False, f"{versus}: improved by {gain:.6g}, but the 95% interval of the difference "
+                                   f"{[round(c, 6) for c in ci]} does not exclude no improvement", numbers)
     if failed:
         return Decision(False, f"{metric} improved by {gain:.6g} but guard failed: " + "; ".join(failed), numbers)
-    return Decision(True, f"{metric} {new:.6g} vs champion {old:.6g}: improved by {gain:.6g} "
-                          f"(> min_delta {gate.min_delta:g})", numbers)
+    return Decision(True, f"{versus}: improved by {gain:.6g} (> min_delta {gate.min_delta:g})", numbers)

@@ -52,8 +52,9 @@ def register_and_gate(config: PipelineConfig, adapter_dir: str | Path, eval_metr
         decision = Decision(False, f"@{alias} is {name}:{holder} but evaluation compared against "
                                    f"{evaluated or 'no champion'}; evaluate again", {"champion_ref": evaluated}, alias)
     else:
-        ci = eval_metrics.get("diff", {}).get(config.registry.gate.metric, {}).get("ci95")
-        d = decide(config.registry.gate, models["new"], models.get("champion") if holder else None, ci)
+        diff = eval_metrics.get("diff", {}).get(config.registry.gate.metric, {})
+        d = decide(config.registry.gate, models["new"], models.get("champion") if holder else None, diff.get("ci95"),
+                   base_metrics=models.get("base"), ci95_vs_base=diff.get("ci95_vs_base"))
         decision = Decision(d.promote, d.reason, {**d.numbers, "champion_ref": evaluated,
                                                   "new_ref": f"{name}:{version}"}, alias)
     try:

@@ -31,6 +31,7 @@ from ray.train import Checkpoint
 from torch import nn
 
 from workflows.collate import causal_token_nll, collator_for
+from workflows.train.batches import micro_batches
 from workflows.train.checkpoint import TrainState, save_checkpoint, step_seed
 from workflows.train.ddp_comm import CommStats
 from workflows.train.metrics import MetricsWindow, append_jsonl, progress_line
@@ -60,9 +61,11 @@ class StepLoop:
     def _batches(self, state: TrainState) -> Iterator[list[dict[str, torch.Tensor]]]:
         """Groups of `grad_accum` micro-batches from the saved data position onwards."""
         shard = ray.train.get_dataset_shard("train")
-        collate = RayCollate(collator_for(self.cfg.manifest, "train"))
+        collate = collator_for(self.cfg.manifest, "train")
+        grouped = self.tc.group_by_length if self.tc.group_by_length != "auto" else not self.cfg.manifest["packed"]
         while True:
-            batches = shard.iter_torch_batches(batch_size=self.tc.batch_size, collate_fn=collate, device=self.device)
+            batches = micro_batches(shard, collate, self.tc.batch_size, self.device, self.tc.seed, state.epoch,
+                                    self.tc.shuffle_buffer_rows, grouped)
             batches = itertools.islice(batches, state.batches_in_epoch, None)
             yielded = False
             for group in _groups(batches, self.tc.grad_accum):
@@ -106,7 +109,7 @@ class StepLoop:
                 loss_sum, n = self._loss_terms(self.ddp, batch)
                 loss = loss_sum * self.world / total
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            self.window.add(loss_sum, n, batch["input_ids"].numel())
+            self.window.add(loss_sum, n, batch)
         if self.scaler:  # fp16: true gradients before clipping; a step with inf/nan ones is skipped
             self.scaler.unscale_(self.optimizer)
         max_norm = self.tc.max_grad_norm if self.tc.max_grad_norm is not None else math.inf

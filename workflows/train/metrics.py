@@ -17,28 +17,31 @@ import torch.distributed as dist
 
 
 class MetricsWindow:
-    """Sums since the last report: (nll, label tokens, tokens) of this rank, on `device`."""
+    """Sums since the last report: (nll, label tokens, token positions, real tokens) of this rank, on
+    `device`. Positions count padding; real tokens do not (unpacked rows: the attention mask)."""
 
     def __init__(self, device: torch.device, world: int):
         self.world = world
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add(self, nll_sum: torch.Tensor, label_tokens: int, tokens: int) -> None:
+    def add(self, nll_sum: torch.Tensor, label_tokens: int, batch: dict[str, torch.Tensor]) -> None:
         self.sums[0] += nll_sum.detach().double()
         self.sums[1] += label_tokens
-        self.sums[2] += tokens
+        self.sums[2] += batch["input_ids"].numel()
+        self.sums[3] += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
 
     def close(self) -> dict[str, float | None]:
         """Reduce over ranks, return `train_loss`, `tokens_per_s`, `step_time_s`, and start anew."""
         sums = self.sums.clone()
         if self.world > 1:
             dist.all_reduce(sums)
-        nll, labels, tokens = sums.tolist()
+        nll, labels, tokens, real = sums.tolist()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = {"train_loss": nll / labels if labels > 0 else None,
                "tokens_per_s": tokens / elapsed,  # all ranks, padding included
+               "padding_fraction": 1 - real / tokens if tokens else 0.0,
                "step_time_s": elapsed / max(1, self.steps)}
         self.sums.zero_()
         self.steps = 0

@@ -30,24 +30,26 @@ from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 import lora_core
 from workflows import __version__, storage
 from workflows.adapters import AdapterFiles
-from workflows.artifacts import atomic_write_json, is_uri, stage_output
+from workflows.artifacts import UserError, atomic_write_json, is_uri, stage_output
 from workflows.config import PipelineConfig, TrainSection
 from workflows.models import base_identity, load_tokenizer, tokenizer_fingerprint
 from workflows.prepared import PreparedData
 from workflows.train.worker import WorkerConfig, train_loop_per_worker, train_loop_to_store
 
 
-class PreparedDataError(ValueError):
+class PreparedDataError(UserError, ValueError):
     """The prepared dataset cannot feed this training config (names the manifest field)."""
 
 
-class ClusterTooSmallError(RuntimeError):
+class ClusterTooSmallError(UserError, RuntimeError):
     """The cluster cannot place the requested workers."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: 
     datasets = train_datasets(prepared, tc)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same order every epoch and attempt: resume skips consumed batches
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
     if is_uri(run_dir):
         # Ray Train gets the driver's filesystem object: its endpoint settings then apply on every node.
         fs, path = storage.resolve(storage_path)
@@ -114,6 +116,7 @@ def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: 
     return TorchTrainer(
         loop or default,
         train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=tc.ddp_backend) if tc.ddp_backend != "auto" else None,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, **where,
@@ -199,8 +202,10 @@ def check_cluster_fits(tc: TrainSection, total: dict[str, float], autoscale_max:
     elif autoscale_max is None and want_cpu >= have.get("CPU", 0) and not tc.use_gpu:
         problems.append(f"the workers would take all {have.get('CPU', 0):g} CPUs, leaving none for Ray Data "
                         "(training would hang); lower train.cpus_per_worker (fractions are fine) or add CPUs")
-    if tc.use_gpu and tc.num_workers > have.get("GPU", 0):
-        problems.append(f"{tc.num_workers} GPU workers but the cluster has {have.get('GPU', 0):g} GPUs")
+    want_gpu = tc.num_workers * tc.gpus_per_worker
+    if tc.use_gpu and want_gpu > have.get("GPU", 0):
+        problems.append(f"{tc.num_workers} workers x {tc.gpus_per_worker:g} GPU = {want_gpu:g} GPUs but the "
+                        f"cluster has {have.get('GPU', 0):g}")
     if problems:
         raise ClusterTooSmallError("cannot place the train workers: " + "; ".join(problems)
                                    + " (train.num_workers / train.cpus_per_worker / train.use_gpu)")
@@ -255,6 +260,8 @@ def _lineage(config: PipelineConfig, prepared: PreparedData, run_dir: Path | str
         "config": config.model_dump(mode="json"),
         "ray_train": {"run_name": run_name, "storage_path": storage_path},
         "loraflow_version": __version__,
+        # classification: what `loraflow predict` prints (index = the head's output)
+        **({"label_names": manifest["label_names"]} if manifest.get("label_names") else {}),
     }
 
 
