@@ -6,10 +6,12 @@ transformers, so every process the tests start (Ray workers, CLI subprocesses) i
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,12 +40,14 @@ def example_data() -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray cluster for the whole session: 4 logical CPUs so Train workers leave room
-    for Ray Data on a 2-core machine. Dashboard off (job tests start their own head)."""
+    for Ray Data on a 2-core machine, and one logical GPU, so that what requests GPUs can be checked
+    against what Ray assigns (torch sees no GPU here: the work itself runs on the CPU). Dashboard
+    off (job tests start their own head)."""
     import ray
 
     if not ray.is_initialized():
         # address="local": always a new cluster, never one some other process left running here.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests' / 'train'}"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
@@ -51,5 +55,44 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    """The session cluster's address: CLI subprocesses join it with `--address` instead of starting one."""
+    return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _SESSION_TMP
+
+
+# ---- a local S3 server (moto) --------------------------------------------------------------------
+
+from s3_support import BUCKET, S3, free_port  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free port (one per session), with AWS_* pointing this process and its
+    children at it; `S3` reads and records what reaches it."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    recording = tmp_path_factory.mktemp("moto") / "recording.jsonl"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "MOTO_RECORDER_FILEPATH": str(recording)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(endpoint.rsplit(":", 1)[1]), verbose=False)
+    server.start()
+    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
+    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
+    yield S3(endpoint, fs, recording)
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

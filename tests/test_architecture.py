@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = {"artifacts", "config", "storage", "prepared", "models", "collate", "adapters"}
+BASE = {"artifacts", "config", "storage", "prepared", "models", "collate", "adapters", "lease"}
 STAGES = {"prepare", "train", "evaluate", "registry"}
-DRIVERS = {"cli", "dag", "pipeline", "report", "retrain", "tune"}
+DRIVERS = {"cli", "dag", "pipeline", "preview", "report", "retrain", "tracking", "tune"}
 MAX_LINES = 400
 
 

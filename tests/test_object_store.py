@@ -10,91 +10,23 @@ all cache hits without starting Ray.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import socket
 import subprocess
 import sys
-import urllib.request
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 
-from workflows.artifacts import SUCCESS, stage_output
+from workflows.artifacts import SUCCESS, LockHeldError, stage_output
 from workflows.config import ConfigError, config_from_dict
 from workflows.dag import Layout, plan
+from workflows.lease import S3Lease
 from workflows.storage import StorageError, WorkStore
 
 sys.path.insert(0, str(Path(__file__).parent))
+from s3_support import BUCKET, free_port  # noqa: E402
 from test_pipeline_e2e import pipeline_config, statuses, write_rows  # noqa: E402
-
-BUCKET = "loraflow-test"
-
-
-@dataclass
-class S3:
-    endpoint: str
-    fs: pafs.FileSystem
-    recording: Path
-
-    def uri(self, key: str) -> str:
-        return f"s3://{BUCKET}/{key}"
-
-    def keys(self, prefix: str) -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
-        return sorted(i.path.removeprefix(f"{BUCKET}/") for i in infos if i.type == pafs.FileType.File)
-
-    def put(self, key: str, data: bytes) -> None:
-        with self.fs.open_output_stream(f"{BUCKET}/{key}") as f:
-            f.write(data)
-
-    def record(self, action: str) -> None:
-        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}", method="POST"))
-
-    def recorded_writes(self) -> list[tuple[str, str, str]]:
-        """(method, object key, query) of the recorded write requests (PUT and POST: multipart
-        uploads), in order."""
-        entries = [json.loads(line) for line in self.recording.read_text().splitlines() if line.strip()]
-        return [(e["method"], *e["url"].split(f"/{BUCKET}/", 1)[1].partition("?")[::2])
-                for e in entries if e["method"] in ("PUT", "POST") and f"/{BUCKET}/" in e["url"]]
-
-    def recorded_keys(self) -> list[str]:
-        return [key for _, key, _ in self.recorded_writes()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's S3 server on a free port, with AWS_* pointing this process and its children at it."""
-    endpoint = f"http://127.0.0.1:{_free_port()}"
-    recording = tmp_path_factory.mktemp("moto") / "recording.jsonl"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "MOTO_RECORDER_FILEPATH": str(recording)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(endpoint.rsplit(":", 1)[1]), verbose=False)
-    server.start()
-    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
-    fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")
-    yield S3(endpoint, fs, recording)
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def s3_config(tmp_path: Path, work_uri: str, **cluster):
@@ -186,9 +118,28 @@ def test_a_missing_bucket_fails_before_any_stage_naming_the_uri(s3, tmp_path):
 
 
 def test_an_unreachable_endpoint_fails_naming_the_uri(s3, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageError, match=rf"s3://{BUCKET}/work: cannot reach the store"):
         WorkStore.open(f"s3://{BUCKET}/work").check()
+
+
+def test_planning_on_s3_input_reads_no_data_object_and_still_sees_a_content_change(s3, tmp_path):
+    """`loraflow dag` fingerprints S3 input from the store's own size and ETag (a HEAD each), never by
+    downloading the data; a new upload of the object changes the fingerprint."""
+    s3.put("input/rows.jsonl", b'{"instruction": "2+2?", "output": "4"}\n' * 1000)
+    config = config_from_dict({"data": {"source": s3.uri("input/rows.jsonl"), "format": "instruction"},
+                               "cluster": {"work_dir": str(tmp_path / "work"), "runs_dir": str(tmp_path / "runs")}})
+    s3.record("reset-recording")
+    s3.record("start-recording")
+    try:
+        first = plan(config)["prepare"]
+    finally:
+        s3.record("stop-recording")
+    on_data = [method for method, key in s3.recorded_requests() if key == "input/rows.jsonl"]
+    assert on_data and "GET" not in on_data, on_data
+    s3.put("input/rows.jsonl", b'{"instruction": "2+2?", "output": "5"}\n' * 1000)  # same size, new content
+    again = plan(config)["prepare"]
+    assert again.fingerprint != first.fingerprint
 
 
 def test_runs_dir_stays_local(tmp_path):
@@ -318,3 +269,41 @@ def test_the_best_tune_trial_is_committed_as_the_train_stage_in_the_bucket(s3, t
     assert plan(s3_config(tmp_path, s3.uri("tuned")), input_digest=same_digest)["train"].status == "hit"
     result = s3.fs.open_input_stream(f"{BUCKET}/tuned/train/{p['train'].fingerprint}/result.json").read()
     assert json.loads(result)["run_name"] == "trial-abc"
+
+
+
+# -- one driver at a time on a prefix, from any machine: the lease ---------------------------------
+
+def test_a_second_driver_on_a_leased_prefix_exits_4_naming_the_holder(s3, tmp_path):
+    store = WorkStore.open(s3.uri("leased"))
+    held = S3Lease(store, "run-of-driver-1")
+    held.acquire()
+    try:
+        write_rows(tmp_path / "rows.jsonl", 8, seed=0)
+        cfg = tmp_path / "pipeline.yaml"
+        cfg.write_text(json.dumps({"data": {"source": "rows.jsonl", "format": "instruction"},
+                                   "cluster": {"work_dir": s3.uri("leased"), "runs_dir": str(tmp_path / "runs")}}))
+        proc = subprocess.run([sys.executable, "-m", "workflows.cli", "run", str(cfg)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        held.release()
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "run-of-driver-1" in proc.stderr and socket.gethostname() in proc.stderr and "started" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not s3.keys("leased/prepare")  # nothing ran
+    assert s3.keys("leased") == []  # and the holder's lease is gone once released
+
+
+def test_a_live_lease_is_renewed_and_an_expired_one_is_taken_over(s3):
+    store = WorkStore.open(s3.uri("renewed"))
+    first = S3Lease(store, "first", ttl_s=0.6)
+    first.acquire()
+    time.sleep(1.5)  # two and a half lifetimes: only renewal keeps it
+    with pytest.raises(LockHeldError, match="run first on"):
+        S3Lease(store, "second", ttl_s=0.6).acquire()
+    first._stop.set()  # the first driver dies: no more renewals, no release
+    first._thread.join()
+    time.sleep(0.8)
+    second = S3Lease(store, "second", ttl_s=0.6)
+    second.acquire()
+    second.release()

@@ -58,8 +58,8 @@ def statuses(manifest: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def address(ray_session) -> str:
-    return ray_session.get_runtime_context().gcs_address
+def address(ray_address) -> str:
+    return ray_address
 
 
 @pytest.fixture(scope="module")

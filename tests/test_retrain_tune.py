@@ -52,8 +52,8 @@ def cli(*args: str, cwd: Path, address: str | None = None, check: bool = True) -
 
 
 @pytest.fixture(scope="module")
-def address(ray_session) -> str:
-    return ray_session.get_runtime_context().gcs_address
+def address(ray_address) -> str:
+    return ray_address
 
 
 @pytest.fixture(scope="module")

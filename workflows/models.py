@@ -19,9 +19,11 @@ consumers mask padding by position, never by pad id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
+import multiprocessing
 import os
 import zlib
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows.artifacts import (
+    UserError,
     atomic_dir,
     atomic_write_json,
     cache_root,
@@ -65,19 +68,27 @@ _TINY_TOKENIZER = {"tiny-llama": "smollm2-135m", "tiny-gpt2": "smollm2-135m", "t
 _ENCODERS = ("minilm-l6", "tiny-bert")
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(UserError, RuntimeError):
     """A model that cannot be loaded here (package missing, offline and not cached, ...)."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------- cached folders
 
-def _cached_folder(final: Path, build: Callable[[Path], None], required: tuple[str, ...]) -> Path:
+def _cached_folder(final: Path, build: Callable[[Path], None], required: tuple[str, ...],
+                   own_process: bool = False) -> Path:
     """Return `final`, building it first if it is missing or incomplete.
 
     The folder is built in a temp sibling and renamed into place only after every `required` file
     (a glob) is found in it, so a reader never sees a half-built folder; a folder already there
     that lacks one (a build interrupted by hand, an older loraflow) is rebuilt, not trusted. The
     lock makes a second process (another Ray worker on the node) wait and reuse the result.
+
+    `own_process`: `build` (a module-level function) runs in a fresh interpreter, outside any
+    torch.distributed process group: transformers 5's `save_pretrained` silently writes nothing on a
+    rank other than 0, whatever `is_main_process` says, and the first process to need a model on a
+    fresh node may well be rank 1 of a training group.
     """
     if not _missing(final, required):
         return final
@@ -85,10 +96,21 @@ def _cached_folder(final: Path, build: Callable[[Path], None], required: tuple[s
         if not _missing(final, required):
             return final
         with atomic_dir(final, replace=True) as tmp:
-            build(tmp)
+            if own_process:
+                _in_fresh_process(build, tmp)
+            else:
+                build(tmp)
             if missing := _missing(tmp, required):
                 raise ModelNotAvailableError(f"building {final} left out {', '.join(missing)}; nothing was cached")
     return final
+
+
+def _in_fresh_process(build: Callable[[Path], None], folder: Path) -> None:
+    process = multiprocessing.get_context("spawn").Process(target=build, args=(folder,), name="loraflow-build")
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise ModelNotAvailableError(f"building {folder.name} failed (exit code {process.exitcode}); see the log above")
 
 
 def _missing(folder: Path, required: tuple[str, ...]) -> list[str]:
@@ -143,28 +165,28 @@ def _smollm2_tokenizer_dir() -> Path:
 
 
 def _smollm2_model_dir() -> Path:
-    gguf, model_dir, _ = _smollm2_dirs()
+    _, model_dir, _ = _smollm2_dirs()
+    return _cached_folder(model_dir, _convert_smollm2_gguf, _MODEL_FILES, own_process=True)
 
-    def build(tmp: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The GGUF loader leaves a quantizer attached; the tensors are already dequantised fp32,
-        # so drop it (and its config entry) or save_pretrained refuses to serialise the model.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.architectures = [type(model).__name__]
-        # is_main_process: transformers 5 writes nothing (silently) on a torch.distributed rank other
-        # than 0, and the first process on a fresh node may well be rank 1 of a training group.
-        model.save_pretrained(tmp, is_main_process=True)
-        load_tokenizer("smollm2-135m").save_pretrained(tmp)
-        atomic_write_json(tmp / IDENTITY_FILE, {
-            "name": "smollm2-135m", "source": str(gguf), "sha256": sha256_file_cached(gguf),
-            "quant": _gguf_quant_type(gguf)})
+def _convert_smollm2_gguf(tmp: Path) -> None:
+    """The GGUF, dequantised to fp32, as a transformers folder with its tokenizer and identity."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    return _cached_folder(model_dir, build, _MODEL_FILES)
+    gguf = _smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader leaves a quantizer attached; the tensors are already dequantised fp32,
+    # so drop it (and its config entry) or save_pretrained refuses to serialise the model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(tmp)
+    load_tokenizer("smollm2-135m").save_pretrained(tmp)
+    atomic_write_json(tmp / IDENTITY_FILE, {
+        "name": "smollm2-135m", "source": str(gguf), "sha256": sha256_file_cached(gguf),
+        "quant": _gguf_quant_type(gguf)})
 
 
 def _smollm2_model_dir_in(dtype: str) -> Path:
@@ -174,18 +196,20 @@ def _smollm2_model_dir_in(dtype: str) -> Path:
     fp32 = _smollm2_model_dir()
     if dtype == "float32":
         return fp32
+    build = functools.partial(_cast_folder, fp32, dtype)
+    return _cached_folder(fp32.with_name(f"{fp32.name}-{dtype}"), build, _MODEL_FILES, own_process=True)
 
-    def build(tmp: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(fp32, dtype=getattr(torch, dtype))
-        model.save_pretrained(tmp, is_main_process=True)
-        for f in (IDENTITY_FILE, *_TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja"):
-            if (fp32 / f).is_file():
-                (tmp / f).write_bytes((fp32 / f).read_bytes())
+def _cast_folder(source: Path, dtype: str, tmp: Path) -> None:
+    """`source`'s model saved with its weights in `dtype`, with its tokenizer and identity files."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    return _cached_folder(fp32.with_name(f"{fp32.name}-{dtype}"), build, _MODEL_FILES)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    model.save_pretrained(tmp)
+    for f in (IDENTITY_FILE, *_TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja"):
+        if (source / f).is_file():
+            (tmp / f).write_bytes((source / f).read_bytes())
 
 
 def _minilm_dir() -> Path:

@@ -20,11 +20,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from workflows import __version__
+from workflows import __version__, tracking
 from workflows.adapters import AdapterFiles
-from workflows.artifacts import atomic_write_json, file_lock, fingerprint
+from workflows.artifacts import atomic_write_json, fingerprint
 from workflows.config import PipelineConfig
 from workflows.dag import STAGE, Layout, Plan, StageRun, plan, save_plan_state
+from workflows.lease import run_lease
 from workflows.prepared import PreparedData
 from workflows.registry.references import champion_files, resolve_adapter
 from workflows.report import write_report
@@ -39,17 +40,6 @@ def _stderr(msg: str) -> None:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
-@contextlib.contextmanager
-def work_lock(work: Path, wait: bool = True) -> Iterator[None]:
-    """One driver per work directory at a time (a second `loraflow run` waits, or fails with wait=False).
-
-    `work` is `Layout.work`: for an object store, the local mirror keyed by the URI, so this guards
-    runs on one machine only; concurrent runs from different machines on one prefix are not guarded.
-    """
-    with file_lock(work / ".lock", wait, held=f"another loraflow run holds {work / '.lock'}"):
-        yield
 
 
 # ----------------------------------------------------------------------------- the Ray session
@@ -158,8 +148,12 @@ def _run_stages(p: Plan, run_id: str, ray: RaySession, until: str | None, log: L
         run = StageRun(p, st, {u: outputs[u] for u in stage.upstream}, run_id)
         replacing = p.layout.store.replacing(st.name, st.fingerprint) if st.status == "forced" \
             else contextlib.nullcontext()
-        with replacing:
-            outputs[st.name] = stage.body(run)
+        try:
+            with replacing:
+                outputs[st.name] = stage.body(run)
+        except BaseException as e:  # what the report of a failed run says
+            manifest["error"] = {"stage": st.name, "type": type(e).__name__, "message": str(e)}
+            raise
         manifest["stages"][st.name] = {"fingerprint": st.fingerprint, "status": "ran" if st.fresh else "hit",
                                        "why": st.why, "seconds": round(time.time() - t0, 3),
                                        "outputs": outputs[st.name]}
@@ -169,27 +163,49 @@ def _run_stages(p: Plan, run_id: str, ray: RaySession, until: str | None, log: L
 
 
 def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: str | None = None,
-                 log: Log | None = None) -> dict[str, Any]:
+                 log: Log | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Run the DAG (or its prefix up to `until`) and return the run manifest. A Ray this call
-    starts is shut down at the end; one it found running is left running."""
+    starts is shut down at the end; one it found running is left running. A failed run still
+    writes its manifest and report (what ran, what failed, how to resume) before the error goes on."""
     log = log or _stderr
     layout = Layout.of(config)
     layout.store.check(write=True)  # an unusable bucket fails here, naming the URI, before any stage
-    with work_lock(layout.work), ray_session(config, log) as ray:
-        p = plan(config, force_from=force_from)  # under the lock: another run may have finished stages
-        run_id = new_run_id()
-        run_dir = p.layout.runs / run_id
-        manifest: dict[str, Any] = {"run_id": run_id, "loraflow_version": __version__,
-                                    "config_file": config.source_path, "started": time.time(), "stages": {}}
+    tracking.check_tracking(config)  # MLflow asked for but not installed: before anything runs
+    run_id = run_id or new_run_id()
+    run_dir = layout.runs / run_id
+    manifest: dict[str, Any] = {"run_id": run_id, "loraflow_version": __version__, "config_file": config.source_path,
+                                "started": time.time(), "stages": {}, "ray_started": False}
+    # One driver per work directory: a second local run waits; on S3 a second driver (any machine)
+    # fails at once naming the holder (workflows.lease), before it has a run to report.
+    with run_lease(layout.store, run_id, wait=True):
         try:
-            _run_stages(p, run_id, ray, until, log, manifest)
+            with ray_session(config, log) as ray:
+                try:
+                    p = plan(config, force_from=force_from)  # under the lease: another run may have finished stages
+                    _run_stages(p, run_id, ray, until, log, manifest)
+                finally:
+                    manifest["ray_started"] = ray.started
+        except BaseException as e:
+            manifest.setdefault("error", {"stage": None, "type": type(e).__name__, "message": str(e)})
+            raise
         finally:
             manifest["finished"] = time.time()
-            manifest["ray_started"] = ray.started
+            manifest["report"] = str(write_report(run_dir, manifest))
             atomic_write_json(run_dir / "manifest.json", manifest)
-    manifest["report"] = str(write_report(run_dir, manifest))
-    atomic_write_json(run_dir / "manifest.json", manifest)
+            _track(config, manifest, run_dir, log)
     return manifest
+
+
+def _track(config: PipelineConfig, manifest: dict[str, Any], run_dir: Path, log: Log) -> None:
+    """TensorBoard event files and MLflow (`workflows.tracking`), recorded in the manifest. A failed
+    run's own error wins over a tracking failure, which is then only logged."""
+    try:
+        manifest["tracking"] = tracking.log_run(config, manifest, run_dir, log)
+    except Exception as e:
+        if "error" not in manifest:
+            raise
+        log(f"warning: tracking this failed run failed too: {e}")
+    atomic_write_json(run_dir / "manifest.json", manifest)
 
 
 def evaluate_adapter(config: PipelineConfig, adapter: str, log: Log | None = None) -> dict[str, Any]:

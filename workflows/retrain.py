@@ -48,7 +48,7 @@ def champion_state(config: PipelineConfig) -> tuple[str | None, str | None]:
 
 def retrain(config: PipelineConfig, warm_start: bool = False, wait: bool = False,
             log: Callable[[str], None] | None = None,
-            input_digest: Callable[[PipelineConfig], str] | None = None) -> RetrainOutcome:
+            input_digest: Callable[[PipelineConfig], str] | None = None, run_id: str | None = None) -> RetrainOutcome:
     input_digest = input_digest or digest_inputs
     work = Layout.of(config).work
     held = (f"another `loraflow retrain` is running on {work} (lock {work / '.retrain.lock'}); "
@@ -60,7 +60,7 @@ def retrain(config: PipelineConfig, warm_start: bool = False, wait: bool = False
             return RetrainOutcome("no-change", digest, champion, champion)
         if warm_start and champion is not None:
             config.train.init_adapter = f"{config.registry.name}@{config.registry.alias}"
-        manifest = run_pipeline(config, log=log)
+        manifest = run_pipeline(config, log=log, run_id=run_id)
     decision = manifest["stages"]["register"]["outputs"].get("decision") or {}
     after, _ = champion_state(config)
     status = "promoted" if decision.get("promote") else "kept-champion"

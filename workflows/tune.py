@@ -154,9 +154,9 @@ def commit_best_trial(p: Plan, run_dir: str) -> None:
     store.publish(st.name, st.fingerprint)
 
 
-def tune_then_run(config: PipelineConfig, log=print) -> dict[str, Any]:
+def tune_then_run(config: PipelineConfig, log=print, run_id: str | None = None) -> dict[str, Any]:
     """Prepare (cached), sweep, commit the best trial as the best config's train output, then run
-    the DAG on the best config: train is a hit, evaluate and register run."""
+    the DAG on the best config (as run `run_id`): train is a hit, evaluate and register run."""
     with ray_session(config, log, start=True):
         run_pipeline(config, until="prepare", log=log)
         p = plan(config)
@@ -167,7 +167,7 @@ def tune_then_run(config: PipelineConfig, log=print) -> dict[str, Any]:
         best_plan = plan(best_config)
         if best_plan["train"].status != "hit":
             commit_best_trial(best_plan, outcome.best_run_dir)
-        manifest = run_pipeline(best_config, log=log)
+        manifest = run_pipeline(best_config, log=log, run_id=run_id)
     manifest["tune"] = {"best_params": outcome.best_params, "best_metric": outcome.best_metric,
                         "trials": outcome.trials}
     return copy.deepcopy(manifest)

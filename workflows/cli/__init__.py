@@ -15,11 +15,10 @@ import textwrap
 import traceback
 
 from workflows import __version__
-from workflows.artifacts import LockHeldError
+from workflows.artifacts import UserError
 from workflows.cli.commands import (
     EXIT_CONFIG,
     EXIT_FAILED,
-    EXIT_LOCKED,
     EXIT_OK,
     cmd_dag,
     cmd_evaluate_adapter,
@@ -27,6 +26,7 @@ from workflows.cli.commands import (
     cmd_init,
     cmd_jobs,
     cmd_predict,
+    cmd_preview,
     cmd_registry,
     cmd_retrain,
     cmd_run,
@@ -35,9 +35,7 @@ from workflows.cli.commands import (
     cmd_validate,
     reserve_stdout_for_json,
 )
-from workflows.config import ConfigError
 from workflows.ops.submission import COMMANDS, DEFAULT_SHIP_LIMIT_BYTES
-from workflows.registry.base import RegistryError
 
 DEFAULT_REGISTRY = os.environ.get("LORAFLOW_REGISTRY", "~/.cache/loraflow/registry")
 
@@ -61,6 +59,9 @@ def _config_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     if json_flag:
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything on the console (Ray, workers, libraries) and tracebacks; it is all in "
+                        "runs/<id>/run.log anyway")
 
 
 def _stage_command(stage: str):
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_dag, "loraflow dag configs/demo.yaml")
     _config_args(p)
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="show what --from STAGE would rerun")
+    p = add("preview", "show the first prepared examples with the trained (loss) tokens marked, the template, "
+            "packing boundaries and token counts; starts no Ray, reads at most the first shard",
+            cmd_preview, "loraflow preview configs/demo.yaml -n 3")
+    _config_args(p, json_flag=False)
+    p.add_argument("-n", type=int, default=3, help="how many examples (default: 3)")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
+                   help="colour the trained tokens (default: when stdout is a terminal); --no-color: [[...]]")
     p = add("validate", "check a config file (keys, types, data paths) without running anything",
             cmd_validate, "loraflow validate configs/demo.yaml")
     _config_args(p, json_flag=False)
@@ -212,19 +220,30 @@ def main(argv: list[str] | None = None) -> int:
         reserve_stdout_for_json()
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, RegistryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except LockHeldError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_LOCKED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a stage failed: keep the traceback for the log, end with one clear line
-        traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as e:
+        return _failed(args, e)
+
+
+def _failed(args: argparse.Namespace, error: Exception) -> int:
+    """One clear line for a failure the user can fix (its exit code); a bug also gets its traceback.
+    The traceback always goes to the run log when there is one; `--verbose` prints it too."""
+    details = traceback.format_exc()
+    log = getattr(args, "run_log", None)
+    if log is not None and log.parent.is_dir():
+        with open(log, "a") as f:
+            f.write(details)
+    user = isinstance(error, UserError | FileNotFoundError)
+    if not user or getattr(args, "verbose", False):
+        print(details, file=sys.stderr, end="")
+    message = str(error) if user else f"{type(error).__name__}: {error}"
+    where = f" (details: {log})" if log is not None and log.is_file() else ""
+    print(f"error: {message}{where}", file=sys.stderr)
+    if isinstance(error, UserError):
+        return error.exit_code
+    return EXIT_CONFIG if isinstance(error, FileNotFoundError) else EXIT_FAILED
 
 
 if __name__ == "__main__":

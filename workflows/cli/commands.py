@@ -10,18 +10,20 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from workflows.artifacts import is_uri
+from workflows.artifacts import LockHeldError, is_uri
+from workflows.cli.console import captured
 from workflows.cli.starter import STARTER_CONFIG
 from workflows.config import ConfigError, PipelineConfig, load_config
 from workflows.dag import plan
 from workflows.ops.jobs import TERMINAL, JobsError, job_logs, job_status, stop_job, submit
 from workflows.ops.submission import UnreachableInputError
-from workflows.pipeline import evaluate_adapter, run_pipeline
+from workflows.pipeline import evaluate_adapter, new_run_id, run_pipeline
 from workflows.registry.base import Ref
 from workflows.registry.references import resolve_adapter
 from workflows.registry.sqlite import Registry
@@ -102,6 +104,13 @@ def cmd_init(args) -> int:
     return EXIT_OK
 
 
+def cmd_preview(args) -> int:
+    from workflows.preview import preview  # imports transformers: only for this command
+
+    preview(_load(args), n=args.n, color=args.color)
+    return EXIT_OK
+
+
 def cmd_dag(args) -> int:
     p = plan(_load(args), force_from=args.from_stage)
     # Where each output counts: its URI in the store (for a local work dir, the local path), as in
@@ -136,11 +145,32 @@ def _summary(manifest: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+@contextlib.contextmanager
+def _run_console(args, cfg: PipelineConfig) -> Iterator[str]:
+    """A run id, and for the block the console captured into `runs/<id>/run.log`: the console
+    shows loraflow's own lines, the log everything (`--verbose`: the console too)."""
+    run_id = new_run_id()
+    run_dir = Path(cfg.cluster.runs_dir).expanduser().resolve() / run_id
+    args.run_log = run_dir / "run.log"
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # they re-print every second
+    kept = True
+    try:
+        with captured(args.run_log, verbose=args.verbose):
+            yield run_id
+        kept = (run_dir / "manifest.json").exists()
+    except LockHeldError:
+        kept = False  # another run holds the work directory: this one never started
+        raise
+    finally:
+        if not kept:  # no run (retrain found no change, the lease was held): no run directory
+            shutil.rmtree(run_dir, ignore_errors=True)
+            args.run_log = None
+
+
 def cmd_run(args, until: str | None = None) -> int:
     cfg = _load(args)
-    # Ray Data's progress bars on a terminal; off in logs, where they re-print every second.
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if sys.stderr.isatty() else "1")
-    manifest = run_pipeline(cfg, force_from=getattr(args, "from_stage", None), until=until)
+    with _run_console(args, cfg) as run_id:
+        manifest = run_pipeline(cfg, force_from=getattr(args, "from_stage", None), until=until, run_id=run_id)
     if args.json:
         _emit_json(manifest)
     else:
@@ -150,7 +180,9 @@ def cmd_run(args, until: str | None = None) -> int:
 
 
 def cmd_evaluate_adapter(args) -> int:
-    out = evaluate_adapter(_load(args), args.adapter)
+    cfg = _load(args)
+    with _run_console(args, cfg):
+        out = evaluate_adapter(cfg, args.adapter)
     if args.json:
         _emit_json(out)
         return EXIT_OK
@@ -164,7 +196,9 @@ def cmd_evaluate_adapter(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    out = retrain(_load(args), warm_start=args.warm_start, wait=args.wait)
+    cfg = _load(args)
+    with _run_console(args, cfg) as run_id:
+        out = retrain(cfg, warm_start=args.warm_start, wait=args.wait, run_id=run_id)
     if args.json:
         _emit_json(out.to_dict())
     elif out.status == "no-change":
@@ -183,7 +217,8 @@ def cmd_tune(args) -> int:
     cfg = _load(args)
     if cfg.tune is None:
         raise ConfigError(f"config {args.config} has no `tune:` section (search_space, num_trials, ...)")
-    manifest = tune_then_run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    with _run_console(args, cfg) as run_id:
+        manifest = tune_then_run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True), run_id=run_id)
     if args.json:
         _emit_json(manifest)
         return EXIT_OK

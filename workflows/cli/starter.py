@@ -11,7 +11,7 @@ model:
   dtype: float32            # frozen base weights: float32 | bfloat16 | auto (bf16 where native; adapters stay fp32)
 
 data:
-  source: data/train.jsonl  # file, glob, folder, s3://..., or hf:<save_to_disk folder>; relative to this file
+  source: data/train.jsonl  # file, glob, folder, s3://..., or hf:<name>[:<config>][#<split>]; relative to this file
   format: instruction       # instruction | completion | chat | text | classification
   fields:                   # your column names for the format's roles
     instruction: instruction

@@ -32,7 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,10 +119,12 @@ def kill_node_tree(node: RayNodeProcess, timeout: float = 10.0) -> None:
         raise RuntimeError(f"Ray processes survived SIGKILL: {[p.pid for p in alive]}")
 
 
-def _start_node(args: list[str], log: Path, env: dict[str, str]) -> RayNodeProcess:
+def _start_node(args: list[str], log: Path, env: dict[str, str], prefix: Sequence[str] = ()) -> RayNodeProcess:
+    """`ray start --block ARGS` in a session of its own; `prefix` wraps the command (it must exec it,
+    e.g. `unshare -m ... sh -c '...; exec "$@"' sh`, so that the pid stays the node's)."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [_ray_executable(), "start", "--block", *args],
+            [*prefix, _ray_executable(), "start", "--block", *args],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env=env,
         )
@@ -151,9 +153,11 @@ class PrivateHead:
                     found += [p, *p.children(recursive=True)]
         return found
 
-    def add_worker(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
-                   timeout: float = 60.0) -> RayNodeProcess:
-        """Start one more node of this cluster on this machine and wait until the head sees it."""
+    def add_worker(self, num_cpus: int = 1, resources: dict[str, float] | None = None, timeout: float = 60.0,
+                   prefix: Sequence[str] = (), env: dict[str, str] | None = None) -> RayNodeProcess:
+        """Start one more node of this cluster on this machine and wait until the head sees it.
+
+        `prefix` wraps its `ray start` (a mount namespace, say); `env` adds to the head's environment."""
         expected = _alive_node_count(self.dashboard_url, self.env) + 1
         (agent_port,) = free_ports(1)
         args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}",
@@ -162,7 +166,7 @@ class PrivateHead:
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         log = Path(self.temp_dir) / f"worker-{len(self.workers) + 1}.out"
-        node = _start_node(args, log, self.env)
+        node = _start_node(args, log, {**self.env, **(env or {})}, prefix)
         self.workers.append(node)
         _wait_until(lambda: _alive_node_count(self.dashboard_url, self.env) >= expected, node, timeout,
                     f"worker node to join {self.gcs_address}")

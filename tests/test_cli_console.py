@@ -1,0 +1,89 @@
+"""What a user sees: a quiet console, one clear line for a failure they can fix, a report anyway."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def loraflow(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **(env or {})})
+
+
+def outputs(tmp_path: Path) -> list[str]:
+    return [f"--set=cluster.work_dir={tmp_path / 'work'}", f"--set=cluster.runs_dir={tmp_path / 'runs'}",
+            f"--set=registry.root={tmp_path / 'registry'}"]
+
+
+def test_the_demo_prints_at_most_40_lines_and_logs_everything(ray_address, tmp_path):
+    """configs/demo.yaml as shipped (36 steps, a progress line every 4, 24 generated answers) on the
+    tiny model: the console shows the stage banners, the rank-0 progress lines and the summary."""
+    proc = loraflow("run", "configs/demo.yaml", "--address", ray_address, "--set", "model.name=tiny-llama",
+                    "--set", "model.dtype=float32", *outputs(tmp_path), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    progress = [line for line in lines if line.startswith("[train] step")]
+    assert [line.split()[2] for line in progress] == [f"{s}/36" for s in range(4, 37, 4)]
+    assert not any("Reporting training result" in line or "LOAD REPORT" in line or "pid=" in line for line in lines)
+    (log,) = (tmp_path / "runs").glob("*/run.log")
+    assert "RayTrainWorker" in log.read_text()  # what the console leaves out is in the run log
+
+
+def write_config(tmp_path: Path, data: dict, **extra) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "tiny-llama"}, "data": data,
+                                    "cluster": {"work_dir": str(tmp_path / "work"), "runs_dir": str(tmp_path / "runs")},
+                                    "registry": {"root": str(tmp_path / "registry")}, **extra}))
+    return path
+
+
+@pytest.mark.parametrize("case", ["bad config", "missing file", "bad data", "unreachable store"])
+def test_a_failure_the_user_can_fix_is_one_line_without_a_traceback(case, ray_address, tmp_path):
+    env, code = {}, 2
+    if case == "bad config":
+        config, message = write_config(tmp_path, {"source": "rows.jsonl", "format": "instruction"},
+                                       train={"lerning_rate": 1}), "train.lerning_rate: unknown key"
+    elif case == "missing file":
+        config, message = write_config(tmp_path, {"source": "nope.jsonl", "format": "instruction"}), "no such file"
+    elif case == "bad data":
+        config = write_config(tmp_path, {"source": str(FIXTURES / "chat_broken.jsonl"), "format": "chat",
+                                         "max_seq_len": 64, "truncate": False})
+        message, code = "9 of 13 rows (69.2%) were rejected", 1
+    else:
+        from s3_support import free_port
+
+        config = write_config(tmp_path, {"source": "rows.jsonl", "format": "instruction"})
+        config.write_text(config.read_text().replace(str(tmp_path / "work"), "s3://loraflow-test/work"))
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
+               "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}
+        message = "s3://loraflow-test/work: cannot reach the store"
+    proc = loraflow("run", str(config), "--address", ray_address, cwd=tmp_path, env=env)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [i for i, line in enumerate(proc.stderr.splitlines()) if line.startswith("error: ")]
+    assert len(errors) == 1 and message in "\n".join(proc.stderr.splitlines()[errors[0]:]), proc.stderr[-3000:]
+
+
+def test_a_failed_run_still_writes_its_report(ray_address, tmp_path):
+    config = write_config(tmp_path, {"source": str(FIXTURES / "chat_broken.jsonl"), "format": "chat",
+                                     "max_seq_len": 64, "truncate": False})
+    proc = loraflow("run", str(config), "--address", ray_address, cwd=tmp_path)
+    assert proc.returncode == 1
+    (report,) = (tmp_path / "runs").glob("*/report.md")
+    text = report.read_text()
+    assert "## Failed" in text and "stage **prepare**: PrepareError: 9 of 13 rows" in text
+    assert ".rejects" in text  # where the rejected rows are kept
+    assert f"loraflow run {config}" in text  # the command that resumes
+    assert (report.parent / "run.log").read_text().count("Traceback") == 1  # the details, in the log only
+    assert f"details: {report.parent / 'run.log'}" in proc.stderr

@@ -1,0 +1,65 @@
+"""fp16 training with a gradient scaler (GPUs without bf16), a mixture of experts under DDP, and a
+node's model cache built by whichever training worker gets there first."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from ray.train import DataConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file
+from train_support import cache_build_loop, gsm8k_config, prepared_gsm8k, stopping_loop
+
+from workflows.train.stage import run_train
+
+FP16 = {"precision": "fp16", "max_steps": 4, "checkpoint_every": 2, "log_every": 2, "eval_every": None,
+        "eval_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, example_data, session_tmp):
+    return prepared_gsm8k(example_data, session_tmp)
+
+
+def test_fp16_trains_with_a_scaler_that_is_checkpointed_and_resumes_exactly(prepared, example_data, tmp_path):
+    config = gsm8k_config(example_data, **FP16)
+    whole = run_train(config, prepared, tmp_path / "whole", storage_path=tmp_path / "rt", run_name="fp16-whole")
+    assert whole.metrics["precision"] == "float16" and whole.metrics["loss_scale"] > 0
+    assert torch.isfinite(torch.tensor(whole.metrics["train_loss"]))
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError, match="stop_after_step"):
+        run_train(config, prepared, tmp_path / "resumed", storage_path=tmp_path / "rt", run_name="fp16-cut",
+                  loop=functools.partial(stopping_loop, stop_after_step=2))
+    checkpoint = next((tmp_path / "rt" / "fp16-cut").glob("checkpoint_*/optimizer.pt"))
+    assert set(torch.load(checkpoint, weights_only=True)["scaler"]) >= {"scale", "_growth_tracker"}
+    resumed = run_train(config, prepared, tmp_path / "resumed", storage_path=tmp_path / "rt", run_name="fp16-cut")
+    assert resumed.metrics["resumed_from_step"] == 2
+    a = load_file(str(whole.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+
+
+def test_a_mixture_of_experts_trains_under_ddp_with_only_adapter_bytes_all_reduced(prepared, example_data, tmp_path):
+    config = gsm8k_config(example_data, model="tiny-mixtral", max_steps=4, checkpoint_every=None, eval_every=None,
+                          log_every=4)
+    config.lora.target_modules = "all-linear"
+    m = run_train(config, prepared, tmp_path / "moe", storage_path=tmp_path / "rt", run_name="moe").metrics
+    assert m["find_unused_parameters"] is True  # auto: the model has experts
+    assert m["steps"] == 4 and m["world_size"] == 2
+    assert m["allreduce_bytes_per_step_distinct"] == [m["adapter_param_bytes"]]
+
+
+@pytest.mark.slow
+def test_a_fresh_node_builds_its_model_cache_whichever_rank_gets_there_first(ray_session, tmp_path):
+    """Two workers of one Ray Train group, an empty cache, rank 1 takes the lock and converts."""
+    trainer = TorchTrainer(cache_build_loop, train_loop_config={"cache": str(tmp_path / "cache")},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name="cache", storage_path=str(tmp_path / "rt")),
+                           dataset_config=DataConfig())
+    result = trainer.fit()
+    files = result.return_value["files"]
+    assert {"config.json", "model.safetensors", "loraflow_base.json", "tokenizer.json"} <= set(files), files
