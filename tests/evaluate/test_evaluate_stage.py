@@ -19,7 +19,8 @@ from lora_core import LoraConfig, adapter_parameters, apply_lora, load_adapter, 
 from workflows.adapters import AdapterFiles
 from workflows.config import config_from_dict
 from workflows.evaluate.generation import normalized_match
-from workflows.evaluate.stage import RowCountError, run_evaluate, split_by_model
+from workflows.evaluate.scorer import ScorerSpec
+from workflows.evaluate.stage import BUCKET_BATCHES, RowCountError, call_rows, run_evaluate, split_by_model
 from workflows.models import load_base, load_tokenizer
 from workflows.prepared import PreparedData
 from workflows.registry.references import champion_for
@@ -260,3 +261,14 @@ def test_a_doubled_row_fails_naming_the_example():
     table = _scored_table([("a", "new"), ("b", "new"), ("b", "new")])
     with pytest.raises(RowCountError, match=r"1 doubled; doubled e.g. 'b'"):
         split_by_model(table, ["a", "b"], ["new"])
+
+
+def test_a_call_with_generation_holds_one_generation_batch_so_ray_data_sees_progress():
+    """Ray Data stops a dataset that moves no block for 30 minutes: configs/gsm8k.yaml's 50 prompts of
+    256 new tokens in one 80-row call did exactly that on a busy 2-core machine."""
+    spec = ScorerSpec(model_name="tiny-llama", task="causal_lm", manifest={}, adapters={}, batch_size=10)
+    assert call_rows(spec, actors=1, rows=200) == 10 * BUCKET_BATCHES  # loss only: wide windows
+    generating = ScorerSpec(model_name="tiny-llama", task="causal_lm", manifest={}, adapters={}, batch_size=10,
+                            generate_ids=frozenset({"a", "b"}), generation_batch_size=10)
+    assert call_rows(generating, actors=1, rows=200) == 10
+    assert call_rows(generating, actors=4, rows=20) == 10  # never below one forward batch

@@ -98,15 +98,25 @@ def gpus_per_actor(config: PipelineConfig) -> float:
     return 1.0 if config.train.use_gpu else 0.0
 
 
+def call_rows(spec: ScorerSpec, actors: int, rows: int) -> int:
+    """Rows per actor call. Each call gets a window of up to BUCKET_BATCHES batches, which the actor
+    sorts by length (little padding), but never so few windows that an actor of the pool goes without
+    work. With generation on, a call holds at most one generation batch: Ray Data stops a dataset that
+    moves no block for `execution_no_progress_timeout_s` (30 min), and a window of 80 rows holding 50
+    prompts of 256 new tokens for three models takes longer than that on a busy CPU."""
+    window = spec.batch_size * max(1, min(BUCKET_BATCHES, rows // (2 * actors * spec.batch_size)))
+    if spec.generate_ids:
+        window = min(window, max(spec.batch_size, spec.generation_batch_size))
+    return window
+
+
 def score_dataset(files: list[str], spec: ScorerSpec, actors: int, rows: int, out_dir: Path,
                   driver_writes: bool = False) -> list[Path]:
     """The Ray Data job: per-example rows of every model written as Parquet under `out_dir`.
 
     `driver_writes`: `out_dir` is visible only on the driver's node, so the driver writes the files.
     """
-    # Each call gets a window of up to BUCKET_BATCHES batches, which the actor sorts by length
-    # (little padding), but never so few windows that an actor of the pool goes without work.
-    window = spec.batch_size * max(1, min(BUCKET_BATCHES, rows // (2 * actors * spec.batch_size)))
+    window = call_rows(spec, actors, rows)
     paths, fs = storage.ray_paths(files)
     ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(_INPUT_COLUMNS[spec.task])
     scored = ds.repartition(target_num_rows_per_block=window).map_batches(
