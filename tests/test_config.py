@@ -49,6 +49,24 @@ def test_missing_required_key(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("section, key, message", [
+    ("model", {"pooling": "mean"}, "model.pooling: 'mean' feeds a classification head"),
+    ("train", {"use_gpu": True, "gpus_per_worker": 0.5}, "train.gpus_per_worker: 0.5 puts several workers on one GPU"),
+])
+def test_keys_that_contradict_another_key_name_both(tmp_path, section, key, message):
+    path = write(tmp_path, {**BASE, section: key})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_config_without_pooling_keeps_the_model_fingerprint_it_had_before_the_key_existed(tmp_path):
+    cfg = load_config(write(tmp_path, {**BASE, "model": {"name": "tiny-bert", "task": "seq_cls"}}))
+    assert "pooling" not in cfg.section("model")
+    mean = load_config(write(tmp_path, {**BASE, "model": {"name": "tiny-bert", "task": "seq_cls", "pooling": "mean"}}))
+    assert mean.section("model")["pooling"] == "mean"
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

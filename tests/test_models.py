@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +13,8 @@ import torch
 
 from workflows import models
 from workflows.artifacts import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +143,28 @@ def test_a_cached_folder_missing_a_required_file_is_rebuilt_not_trusted(tmp_path
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
+def test_a_build_in_its_own_process_works_from_a_script_without_a_main_guard(tmp_path):
+    """The fresh interpreter must not re-run the caller's `__main__`: an unguarded script that loads
+    a model on an empty cache would wait forever for the lock it holds itself."""
+    source = tmp_path / "source"
+    model, tokenizer = models.load_base("tiny-llama")
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    (source / models.IDENTITY_FILE).write_text("{}")
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import functools\n"
+        "from pathlib import Path\n"
+        "from workflows import models\n"
+        f"final = Path({str(tmp_path / 'cache' / 'bf16')!r})\n"
+        f"build = functools.partial(models._cast_folder, Path({str(source)!r}), 'bfloat16')\n"
+        "models._cached_folder(final, build, models._MODEL_FILES, own_process=True)\n"
+        "print('built', sorted(p.name for p in final.iterdir()))\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model.safetensors" in proc.stdout and models.IDENTITY_FILE in proc.stdout
+
+
 def test_minilm_seq_cls_keeps_the_encoder_and_adds_a_new_head():
     from safetensors.torch import load_file
 
@@ -158,6 +184,26 @@ def test_encoder_as_causal_lm_is_refused():
     with pytest.raises(ValueError, match="encoder"):
         models.load_base("tiny-bert")
 
+
+
+def test_mean_pooling_feeds_the_head_the_mean_of_the_real_tokens_whatever_the_padding():
+    model, tok = models.load_base("tiny-bert", task="seq_cls", num_labels=3, pooling="mean")
+    enc = tok(["a short one", "a much longer sentence with many more words in it"], padding=True,
+              return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**enc).logits
+        hidden = model.bert(**enc).last_hidden_state
+        alone = model(**tok(["a short one"], return_tensors="pt")).logits
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    mean = (hidden * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(logits, model.classifier(mean), atol=1e-5)
+    assert torch.allclose(logits[0], alone[0], atol=1e-5)  # the padding of the batch changes nothing
+    assert not any("pooler" in name for name, _ in model.named_parameters())
+
+
+def test_mean_pooling_is_refused_where_there_is_no_encoder_pooler():
+    with pytest.raises(ValueError, match="pooler"):
+        models.load_base("tiny-llama", task="seq_cls", num_labels=3, pooling="mean")
 
 def test_bfloat16_base():
     model, _ = models.load_base("tiny-llama", dtype="bfloat16")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from workflows import storage
+from workflows.artifacts import UserError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -30,6 +32,13 @@ def content_sha256(config: bytes, weights: bytes) -> str:
     for name, data in ((CONFIG_FILE, config), (WEIGHTS_FILE, weights)):
         h.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
     return h.hexdigest()
+
+
+class PoolingMismatchError(UserError, ValueError):
+    """An adapter trained with one `model.pooling` meets a config that uses another (exit 2, as a
+    config error)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,19 @@ class AdapterFiles:
     @property
     def size(self) -> int:
         return sum(len(b) for b in self.files.values())
+
+    @property
+    def pooling(self) -> str:
+        """The `model.pooling` the adapter was trained with ("default" when loraflow.json has none)."""
+        meta = json.loads(self.files.get("loraflow.json", b"{}"))
+        return ((meta.get("config") or {}).get("model") or {}).get("pooling", "default")
+
+    def check_pooling(self, pooling: str, role: str) -> None:
+        """The adapter goes onto a base whose head is fed with `pooling`: it must have been trained so."""
+        if self.pooling != pooling:
+            raise PoolingMismatchError(f"model.pooling: the {role} {self.ref} was trained with {self.pooling!r}, this "
+                                       f"config uses {pooling!r}; its head would read other features. Use the "
+                                       f"pooling it was trained with, or register under another registry.name")
 
     def write(self, directory: str | Path) -> Path:
         """Write the files into `directory` (created; existing files of the same names replaced)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_core.config import LoraConfig
 from workflows.artifacts import UserError, is_uri
@@ -34,6 +34,17 @@ class ModelSection(Section):
     # GPUs without bf16 (T4, V100), else float32.
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     revision: str | None = None
+    # seq_cls encoders: what feeds the head. "default": the model's own (BERT: dense + tanh on the
+    # first token); "mean": the mean over the real tokens, what sentence-transformers encoders
+    # (all-MiniLM-L6-v2) were trained for. Recorded in the adapter; `predict` and evaluate follow it.
+    pooling: Literal["default", "mean"] = "default"
+
+    @model_validator(mode="after")
+    def _pooling_is_for_classifiers(self) -> ModelSection:
+        if self.pooling != "default" and self.task != "seq_cls":
+            raise ValueError(f"model.pooling: {self.pooling!r} feeds a classification head; it needs task: seq_cls "
+                             f"(got task: {self.task})")
+        return self
 
 
 class DataSection(Section):
@@ -95,6 +106,14 @@ class TrainSection(Section):
     # The process group: "auto" is NCCL with GPUs, gloo without; "gloo" also works on GPUs (CUDA
     # tensors), which lets several workers share one GPU. Every collective gets device tensors.
     ddp_backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    @model_validator(mode="after")
+    def _shared_gpus_need_gloo(self) -> TrainSection:
+        if self.use_gpu and self.gpus_per_worker % 1 and self.ddp_backend != "gloo":
+            raise ValueError(f"train.gpus_per_worker: {self.gpus_per_worker} puts several workers on one GPU, which "
+                             f"NCCL refuses; set train.ddp_backend: gloo (got {self.ddp_backend!r})")
+        return self
+
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, ge=1)
     epochs: float = Field(1.0, gt=0)
@@ -236,7 +255,10 @@ class PipelineConfig(Section):
 
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain JSON-able data (what fingerprints hash)."""
-        return getattr(self, name).model_dump(mode="json")
+        data = getattr(self, name).model_dump(mode="json")
+        if name == "model" and data["pooling"] == "default":
+            del data["pooling"]  # added later: a config that leaves it alone keeps its fingerprints
+        return data
 
     def resolve_path(self, path: str) -> str:
         """A relative local path is taken relative to the config file's folder."""

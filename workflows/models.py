@@ -23,8 +23,10 @@ import functools
 import hashlib
 import importlib.util
 import json
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +51,7 @@ IDENTITY_FILE = "loraflow_base.json"  # written inside a converted folder: where
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _MODEL_FILES = ("config.json", "*.safetensors", IDENTITY_FILE, *_TOKENIZER_FILES)
 DTYPES = ("float32", "bfloat16", "float16")
+POOLINGS = ("default", "mean")
 
 # Small enough to build in milliseconds, big enough to have real attention and MLP blocks.
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -106,11 +109,14 @@ def _cached_folder(final: Path, build: Callable[[Path], None], required: tuple[s
 
 
 def _in_fresh_process(build: Callable[[Path], None], folder: Path) -> None:
-    process = multiprocessing.get_context("spawn").Process(target=build, args=(folder,), name="loraflow-build")
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise ModelNotAvailableError(f"building {folder.name} failed (exit code {process.exitcode}); see the log above")
+    """`build(folder)` in a new interpreter that imports only what `build` needs: not the caller's
+    `__main__` (multiprocessing's spawn would re-run an unguarded script, which then waits forever
+    for the lock its parent holds)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run([sys.executable, "-c", "import pickle, sys; build, folder = pickle.load(sys.stdin.buffer); "
+                           "build(folder)"], input=pickle.dumps((build, folder)), env=env)
+    if proc.returncode != 0:
+        raise ModelNotAvailableError(f"building {folder.name} failed (exit code {proc.returncode}); see the log above")
 
 
 def _missing(folder: Path, required: tuple[str, ...]) -> list[str]:
@@ -321,8 +327,49 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
     return "bfloat16" if any(check() for check in native) else "float32"
 
 
+def use_mean_pooling(model: Any) -> Any:
+    """Feed a BERT classifier's head the mean of the last hidden states over the real (unpadded)
+    tokens instead of its pooler (dense + tanh on the first token), in place. Sentence-transformers
+    encoders such as all-MiniLM-L6-v2 were trained to be read this way; their pooler never was.
+
+    The pooler only ever sees the hidden states, so the mean is taken in a forward hook on the
+    encoder, which sees the call's attention mask; the pooler becomes a parameter-free placeholder.
+    Stateless: nothing is kept between calls. PEFT users load such an adapter onto
+    `use_mean_pooling(AutoModelForSequenceClassification.from_pretrained(...))`.
+    """
+    import torch
+
+    encoder = getattr(model, model.base_model_prefix, None)
+    if getattr(encoder, "pooler", None) is None:
+        raise ValueError(f"model.pooling 'mean' needs an encoder with a pooler (BERT-like); "
+                         f"{type(model).__name__} has none")
+
+    class MeanPoolingPlaceholder(torch.nn.Module):
+        """Keeps `pooler_output` in the encoder's output; the hook below overwrites it."""
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return hidden[:, 0]
+
+    def mean_over_tokens(_module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden = output[0]
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is None:
+            pooled = hidden.mean(dim=1)
+        else:
+            weights = mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        if isinstance(output, tuple):
+            return (hidden, pooled, *output[2:])
+        output["pooler_output"] = pooled
+        return output
+
+    encoder.pooler = MeanPoolingPlaceholder()
+    encoder.register_forward_hook(mean_over_tokens, with_kwargs=True)
+    return model
+
+
 def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None, dtype: str = "float32",
-              revision: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
+              revision: str | None = None, device: str = "cpu", pooling: str = "default") -> tuple[Any, Any]:
     """Load a base model and its tokenizer, in `dtype`, straight onto `device`.
 
     Args:
@@ -333,6 +380,8 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
             (frozen) base weights; adapters stay fp32 whatever it is.
         device: where the weights go ("cpu", "cuda:0", ...). On a GPU they are placed there as
             they are read (`device_map`): no full copy of the model ever sits in host memory.
+        pooling: "default" (the model's own: BERT's pooler on the first token) or "mean" (see
+            `use_mean_pooling`; encoders only).
     Returns:
         (model in eval mode, tokenizer with a pad token); `model.config.pad_token_id` is set.
     """
@@ -340,6 +389,8 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _check_task(name, task, num_labels)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     resolved = resolve_dtype(dtype, device)
     torch_dtype = getattr(torch, resolved)
     tokenizer = load_tokenizer(name, revision=revision)
@@ -358,6 +409,8 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
             raise _hub_error(name, e) from e
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if pooling == "mean":
+        use_mean_pooling(model)
     return model.eval(), tokenizer
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_core import LoraConfig, adapter_parameters, apply_lora, load_adapter, save_adapter
-from workflows.adapters import AdapterFiles
+from workflows.adapters import AdapterFiles, PoolingMismatchError
 from workflows.config import config_from_dict
 from workflows.evaluate.generation import normalized_match
 from workflows.evaluate.scorer import ScorerSpec
@@ -213,11 +213,14 @@ def classification_prepared(root: Path, banking: Path) -> tuple[PreparedData, li
     return _write_prepared(root, rows, schema, manifest), names
 
 
-def test_classification_with_a_merged_adapter_agrees_with_the_reference(ray_session, tmp_path, example_data):
+@pytest.mark.parametrize("pooling", ["default", "mean"])
+def test_classification_with_a_merged_adapter_agrees_with_the_reference(ray_session, tmp_path, example_data, pooling):
+    """The reference scores one unpadded row at a time: with mean pooling, the padded eval batches
+    must give the same numbers (the scorer feeds the head as training did)."""
     prepared, names = classification_prepared(tmp_path / "prepared", example_data / "banking77")
     adapter = make_adapter("tiny-bert", tmp_path / "cls", seed=3, task="seq_cls", num_labels=len(names),
                            r=8, alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS")
-    config = config_from_dict({"model": {"name": "tiny-bert", "task": "seq_cls"},
+    config = config_from_dict({"model": {"name": "tiny-bert", "task": "seq_cls", "pooling": pooling},
                                "data": {"source": "unused.csv", "format": "classification"},
                                "eval": {"actors": 1, "batch_size": 4, "compare_base": False, "bootstrap_samples": 0,
                                         "gpus_per_actor": 0.5}})
@@ -226,7 +229,7 @@ def test_classification_with_a_merged_adapter_agrees_with_the_reference(ray_sess
     assert [a["gpus"] for a in metrics["actors"].values()] == [0.5]  # what Ray assigned the actor
     assert metrics["padding_fraction"] < 0.2  # rows sorted by length before they are batched
 
-    model, _ = _fresh_model("tiny-bert", adapter, task="seq_cls", num_labels=len(names))
+    model, _ = _fresh_model("tiny-bert", adapter, task="seq_cls", num_labels=len(names), pooling=pooling)
     labels, preds, losses = [], [], []
     with torch.inference_mode():
         for row in _input_rows(prepared):
@@ -272,3 +275,16 @@ def test_a_call_with_generation_holds_one_generation_batch_so_ray_data_sees_prog
                             generate_ids=frozenset({"a", "b"}), generation_batch_size=10)
     assert call_rows(generating, actors=1, rows=200) == 10
     assert call_rows(generating, actors=4, rows=20) == 10  # never below one forward batch
+
+
+def test_an_adapter_trained_with_another_pooling_is_refused_before_it_is_scored(tmp_path):
+    adapter = make_adapter("tiny-bert", tmp_path / "cls", seed=4, task="seq_cls", num_labels=3, r=4, alpha=8,
+                           target_modules=["query"], task_type="SEQ_CLS")
+    meta = json.loads((adapter / "loraflow.json").read_text())
+    (adapter / "loraflow.json").write_text(json.dumps({**meta, "config": {"model": {"pooling": "mean"}}}))
+    files = AdapterFiles.read(adapter, ref="intents:1")
+    files.check_pooling("mean", "champion")
+    with pytest.raises(PoolingMismatchError, match=r"the champion intents:1 was trained with 'mean', this config uses "
+                                                   r"'default'") as e:
+        files.check_pooling("default", "champion")
+    assert e.value.exit_code == 2

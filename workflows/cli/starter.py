@@ -9,6 +9,7 @@ model:
   name: smollm2-135m        # built-in alias, an HF model id, or a local folder
   task: causal_lm           # causal_lm | seq_cls (classification)
   dtype: float32            # frozen base weights: float32 | bfloat16 | auto (bf16 where native; adapters stay fp32)
+  # pooling: mean           # seq_cls encoders: feed the head the mean of the token states (sentence encoders)
 
 data:
   source: data/train.jsonl  # file, glob, folder, s3://..., or hf:<name>[:<config>][#<split>]; relative to this file

@@ -158,6 +158,8 @@ def default_device() -> str:
 
 def _load(model_name: str | None, adapter_dir: Path | None, **base_kwargs):
     meta = _adapter_meta(adapter_dir)
+    if base_kwargs.get("task") == "seq_cls":  # the head is fed as it was in training
+        base_kwargs["pooling"] = ((meta.get("config") or {}).get("model") or {}).get("pooling", "default")
     model, tokenizer = load_base(_model_name(model_name, meta), **base_kwargs)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)

@@ -83,9 +83,12 @@ def _spec(config: PipelineConfig, prepared: PreparedData, new: AdapterFiles, cha
     generate_ids = frozenset(ids[: gen.num_prompts]) if causal and gen.num_prompts else frozenset()
     adapters = {NEW: new, **({CHAMPION: champion} if champion else {})}
     labels = prepared.manifest.get("label_names")
+    if champion is not None:  # scored on the same base as the new adapter
+        champion.check_pooling(config.model.pooling, "champion")
     return ScorerSpec(model_name=config.model.name, task=prepared.task, manifest=prepared.manifest,
                       adapters=adapters, score_base=config.eval.compare_base, dtype=config.model.dtype,
-                      num_labels=len(labels) if labels else None, threads=default_threads(config.eval.actors),
+                      pooling=config.model.pooling, num_labels=len(labels) if labels else None,
+                      threads=default_threads(config.eval.actors),
                       generate_ids=generate_ids, max_new_tokens=gen.max_new_tokens,
                       generation_batch_size=gen.batch_size, match=gen.match, batch_size=config.eval.batch_size,
                       gpus=gpus_per_actor(config))

@@ -89,6 +89,8 @@ def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: 
     `callbacks` are Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback` in a sweep trial.
     """
     check_prepared(config, prepared)
+    if init_adapter is not None:
+        init_adapter.check_pooling(config.model.pooling, "warm-start adapter")
     tc = config.train
     total_steps = plan_steps(_rows(prepared.train_files), tc)
     check_cluster_fits(tc, ray.cluster_resources(), _max_cluster_resources())

@@ -126,7 +126,7 @@ def build_model(cfg: WorkerConfig, device: torch.device) -> nn.Module:
     """
     torch.manual_seed(cfg.train.seed)
     model, _ = load_base(cfg.model.name, task=cfg.model.task, num_labels=cfg.num_labels, dtype=cfg.model.dtype,
-                         revision=cfg.model.revision, device=str(device))
+                         revision=cfg.model.revision, device=str(device), pooling=cfg.model.pooling)
     if cfg.init_adapter is not None:  # warm start: the saved adapter brings its own LoRA config
         with cfg.init_adapter.materialized() as adapter_dir:
             model = lora_core.load_adapter(model, adapter_dir, trainable=True)
