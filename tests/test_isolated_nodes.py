@@ -3,8 +3,9 @@
 The head runs in this process's mount namespace with no CPUs (as cluster/kuberay's), so every task
 and actor that does work runs on the worker node. That one runs in a mount namespace of its own
 (`unshare -m`) in which the driver's registry, runs folder, model cache, HOME and temp folders are
-empty tmpfs mounts: any path the driver hands a worker fails there. The input data and the work
-directory are on the local S3 server, as they would be on a real cluster.
+empty tmpfs mounts: any path the driver hands a worker fails there. The training data and the work
+directory are on the local S3 server, as they would be on a real cluster; the eval data is a file on
+the driver's disk, so its read tasks must stay on the driver's node.
 
 The retrain warm-starts from the champion and evaluates against it: both adapters must reach the
 train workers and the eval actors as bytes, never as the registry's paths on the driver's disk.
@@ -66,11 +67,12 @@ def loraflow(*args: str, head, cwd: Path) -> dict:
 def test_the_dag_and_a_warm_start_retrain_run_on_nodes_that_cannot_see_the_driver(cluster, s3):
     root, head = cluster
     s3.put("isolated/data/rows.jsonl", rows(96, seed=0))
+    (root / "eval.jsonl").write_bytes(rows(24, seed=2))
     config = root / "pipeline.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"name": "tiny-llama"},
-        "data": {"source": s3.uri("isolated/data/rows.jsonl"), "format": "instruction", "max_seq_len": 128,
-                 "eval_fraction": 0.15},
+        "data": {"source": s3.uri("isolated/data/rows.jsonl"), "eval_source": str(root / "eval.jsonl"),
+                 "format": "instruction", "max_seq_len": 128},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "train": {"num_workers": 2, "cpus_per_worker": 0.5, "batch_size": 4, "lr": 1e-2, "max_steps": 4,
                   "log_every": 4, "checkpoint_every": 4, "eval_batches": 1},

@@ -307,3 +307,17 @@ def test_a_live_lease_is_renewed_and_an_expired_one_is_taken_over(s3):
     second = S3Lease(store, "second", ttl_s=0.6)
     second.acquire()
     second.release()
+
+
+def test_a_driver_whose_lease_was_taken_over_stops_and_leaves_the_new_holders_lease_alone(s3):
+    store = WorkStore.open(s3.uri("stolen"))
+    first = S3Lease(store, "first", ttl_s=0.6)
+    first.acquire()
+    first.check()  # held
+    s3.put("stolen/.lease", json.dumps({"run_id": "second", "expires": time.time() + 60}).encode())
+    time.sleep(0.6)  # the next renewal's If-Match fails: another driver wrote the object
+    with pytest.raises(LockHeldError, match="another driver took it over"):
+        first.check()
+    first.release()
+    with s3.fs.open_input_stream(f"{BUCKET}/stolen/.lease") as f:
+        assert json.loads(f.read())["run_id"] == "second"  # not deleted by the driver that lost it

@@ -156,7 +156,10 @@ def test_driver_sigkilled_during_train_resumes_from_checkpoint(first_run, addres
 
 def test_evaluate_scores_a_registry_reference_against_the_base(first_run, address):
     root, cfg, _ = first_run
+    before = set((root / "runs").iterdir())
     out = loraflow("evaluate", str(cfg), "--adapter", "e2e@champion", address=address, cwd=root)
     models = out["metrics"]["models"]
     assert {"base", "new"} <= set(models) and models["new"]["rows"] == models["base"]["rows"] > 0
     assert Path(out["dir"], "metrics.json").is_file()
+    (run,) = set((root / "runs").iterdir()) - before  # its log and manifest kept under one run id
+    assert (run / "run.log").is_file() and (run / "manifest.json").is_file()

@@ -272,3 +272,17 @@ def test_in_pipeline_order_register_then_log_run_share_one_mlflow_run(tmp_path, 
     assert len(client.search_runs([out["experiment_id"]])) == 1
     assert client.get_run(out["run_id"]).data.params["train.lr"] == "0.001"
     assert sorted(mlflow_versions(client, "demo-mirror")) == ["1"]
+
+
+def test_an_adapter_upload_cut_short_is_completed_not_taken_as_done(tmp_path, empty_mlflow_db, monkeypatch):
+    from workflows.tracking import _Mlflow
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    adapter = write_adapter(tmp_path / "adapter", seed=3)
+    ml = _Mlflow(make_config(tmp_path, mlflow={"tracking_uri": mlflow_uri(empty_mlflow_db, tmp_path)}))
+    run_id = ml.run_for("20261206-120000-abcdef")
+    ml.client.log_artifact(run_id, str(adapter / "adapter_config.json"), "adapter")  # the upload died here
+    uri = ml.log_adapter(run_id, adapter)
+    uploaded = {Path(f.path).name: f.file_size for f in ml.client.list_artifacts(run_id, "adapter")}
+    assert uploaded == {f.name: f.stat().st_size for f in adapter.iterdir()}
+    assert uri.endswith("/adapter")

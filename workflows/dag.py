@@ -265,11 +265,13 @@ def _register(run: StageRun) -> dict[str, Any]:
         }
         with AdapterFiles.read(run.inputs["train"]["adapter"]).materialized() as adapter_dir:
             version, decision = register_and_gate(run.config, adapter_dir, run.inputs["evaluate"]["metrics"], lineage)
-        tracking.mirror_registration(run.config, Registry(run.config.registry.root), run.config.registry.name, version)
         with stage_output(run.stage.dir) as tmp:
             atomic_write_json(tmp / "register.json", {"name": run.config.registry.name, "version": version,
                                                      "decision": decision.to_dict()})
         run.publish()
+        # After the commit: an MLflow outage fails the run but never the registration (a rerun is a
+        # cache hit, and the end-of-run tracking mirrors the version again).
+        tracking.mirror_registration(run.config, Registry(run.config.registry.root), run.config.registry.name, version)
     return {"dir": run.stage.uri, **read_json(join(run.stage.uri, "register.json"))}
 
 

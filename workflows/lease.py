@@ -5,10 +5,13 @@ directory on S3 is guarded by a lease object, `<work>/.lease`, that only one dri
 
 - acquire: create it with a conditional write (`If-None-Match: *`); the store refuses a second one.
 - renew: a thread rewrites it every `ttl_s / 3` with a later expiry, conditional on the ETag it
-  wrote last (`If-Match`), so a driver that lost its lease finds out instead of overwriting.
+  wrote last (`If-Match`), so a driver that lost its lease finds out instead of overwriting. A
+  failed renewal (network, throttling) is retried; the lease counts as lost when another driver
+  has rewritten it (412) or when it went `ttl_s` without a renewal. The pipeline checks before
+  each stage and stops a run whose lease is lost (LockHeldError).
 - expire: a lease whose expiry has passed (its driver died without releasing it) is taken over,
   conditionally on the ETag read, so two waiting drivers cannot both take it.
-- release: deleted when the run ends.
+- release: deleted when the run ends, conditional on its ETag (never another driver's lease).
 
 A second driver fails with LockHeldError (exit code 4) naming the holder (host, pid, run) and when
 it started. Other object stores have no conditional writes through pyarrow: a run there is refused
@@ -23,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
 from workflows.artifacts import LockHeldError, file_lock
@@ -97,13 +100,28 @@ class S3Lease:
     def _renew(self) -> None:
         from botocore.exceptions import ClientError
 
+        renewed = _now()
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 self.etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
                                                    IfMatch=self.etag)["ETag"]
-            except ClientError as e:  # taken over after we failed to renew in time
-                self.lost = f"lease {self.uri} lost: {e}"
+                renewed = _now()
+                continue
+            except ClientError as e:
+                if e.response["Error"]["Code"] == "PreconditionFailed":  # another driver rewrote it
+                    self.lost = f"lease {self.uri} lost: another driver took it over"
+                    return
+                error = e
+            except Exception as e:  # network, endpoint, throttling: retried at the next tick
+                error = e
+            if _now() - renewed > self.ttl_s:
+                self.lost = f"lease {self.uri} lost: not renewed for {self.ttl_s:.0f} s (last error: {error})"
                 return
+
+    def check(self) -> None:
+        """Raise LockHeldError when the lease is lost: this run must stop writing."""
+        if self.lost is not None:
+            raise LockHeldError(f"{self.lost}; this run stops here (its finished stages stay committed)")
 
     def release(self) -> None:
         self._stop.set()
@@ -111,26 +129,31 @@ class S3Lease:
             self._thread.join()
         if self.lost is None and self.etag is not None:
             with contextlib.suppress(Exception):
-                self.client.delete_object(Bucket=self.bucket, Key=self.key)
+                self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+
+
+def _held() -> None:
+    """A local lock cannot be lost while its process lives."""
 
 
 @contextlib.contextmanager
-def run_lease(store: WorkStore, run_id: str, wait: bool = False, ttl_s: float = TTL_S) -> Iterator[None]:
+def run_lease(store: WorkStore, run_id: str, wait: bool = False, ttl_s: float = TTL_S) -> Iterator[Callable[[], None]]:
     """Hold the work directory for one run (see the module docstring). `wait` applies to the local
-    lock only: a held store lease fails at once, naming its holder."""
+    lock only: a held store lease fails at once, naming its holder. Yields a check to call before
+    each write: it raises LockHeldError once the lease is lost."""
     if not store.remote:
         with file_lock(store.local / ".lock", wait, held=f"another loraflow run holds {store.local / '.lock'}"):
-            yield
+            yield _held
         return
     if not store.uri.startswith("s3://"):
         if os.environ.get("LORAFLOW_UNGUARDED_STORE") != "1":
             raise LockHeldError(f"{store.uri}: no conditional writes on this store, so concurrent runs could not "
                                 "be refused; set LORAFLOW_UNGUARDED_STORE=1 if only one driver ever runs on it")
-        yield
+        yield _held
         return
     lease = S3Lease(store, run_id, ttl_s)
     lease.acquire()
     try:
-        yield
+        yield lease.check
     finally:
         lease.release()

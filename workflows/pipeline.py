@@ -135,10 +135,15 @@ def check_shared_storage(store: WorkStore) -> None:
 # ----------------------------------------------------------------------------- running the DAG
 
 def _run_stages(p: Plan, run_id: str, ray: RaySession, until: str | None, log: Log,
-                manifest: dict[str, Any]) -> None:
+                manifest: dict[str, Any], lease_held: Callable[[], None] = lambda: None) -> None:
     outputs: dict[str, dict[str, Any]] = {}
     for st in p.stages:
         stage = STAGE[st.name]
+        try:
+            lease_held()  # a driver whose work-store lease was taken over stops before it writes more
+        except BaseException as e:
+            manifest["error"] = {"stage": st.name, "type": type(e).__name__, "message": str(e)}
+            raise
         log(f"==> [{st.name}] {'running' if st.fresh else 'cached'} ({st.why}) fingerprint {st.fingerprint}")
         if st.fresh and stage.needs_ray:
             ray.ensure()
@@ -177,12 +182,12 @@ def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: s
                                 "started": time.time(), "stages": {}, "ray_started": False}
     # One driver per work directory: a second local run waits; on S3 a second driver (any machine)
     # fails at once naming the holder (workflows.lease), before it has a run to report.
-    with run_lease(layout.store, run_id, wait=True):
+    with run_lease(layout.store, run_id, wait=True) as lease_held:
         try:
             with ray_session(config, log) as ray:
                 try:
                     p = plan(config, force_from=force_from)  # under the lease: another run may have finished stages
-                    _run_stages(p, run_id, ray, until, log, manifest)
+                    _run_stages(p, run_id, ray, until, log, manifest, lease_held)
                 finally:
                     manifest["ray_started"] = ray.started
         except BaseException as e:
@@ -208,14 +213,16 @@ def _track(config: PipelineConfig, manifest: dict[str, Any], run_dir: Path, log:
     atomic_write_json(run_dir / "manifest.json", manifest)
 
 
-def evaluate_adapter(config: PipelineConfig, adapter: str, log: Log | None = None) -> dict[str, Any]:
+def evaluate_adapter(config: PipelineConfig, adapter: str, log: Log | None = None,
+                     run_id: str | None = None) -> dict[str, Any]:
     """`loraflow evaluate --adapter`: score any adapter (a folder, URI or registry reference) against
-    the base and the champion on the config's prepared eval rows (prepare runs first if not cached)."""
+    the base and the champion on the config's prepared eval rows (prepare runs first if not cached).
+    `run_id` names the run whose manifest and log the prepare part writes."""
     from workflows.evaluate.stage import run_evaluate
 
     resolved = resolve_adapter(adapter, config.registry.root)
     with ray_session(config, log or _stderr, start=True):  # one session for prepare and evaluate
-        manifest = run_pipeline(config, until="prepare", log=log)
+        manifest = run_pipeline(config, until="prepare", log=log, run_id=run_id)
         prepared = PreparedData.load(manifest["stages"]["prepare"]["outputs"]["dir"])
         key = fingerprint(resolved.token, config.section("eval"), new_run_id())
         out = Layout.of(config).work / "evaluate" / f"adhoc-{key}"

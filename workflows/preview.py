@@ -33,7 +33,7 @@ from workflows.config import PipelineConfig
 from workflows.dag import plan
 from workflows.models import load_tokenizer
 from workflows.prepare.formats import IGNORE_INDEX, ExampleEncoder, RowError, canonical_example, parse_record
-from workflows.prepare.inputs import input_files, uncompressed_name
+from workflows.prepare.inputs import HF_STREAM, input_files, open_stream, uncompressed_name
 from workflows.prepared import PreparedData
 
 COLOR_ON, COLOR_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green: trained tokens on a terminal
@@ -161,6 +161,9 @@ def _from_inputs(config: PipelineConfig, tokenizer: Any, n: int) -> tuple[list[s
 def _records(path: str, kind: str, limit: int) -> Iterator[tuple[int, dict | RowError]]:
     """(1-based line or record number, record or the RowError that rejects it), at most `limit`,
     read as `workflows.prepare.read_records` reads them."""
+    if kind == HF_STREAM:  # `data.streaming`: the first records of the stream, nothing more
+        yield from _table_records(open_stream(path).with_format("arrow").iter(batch_size=limit), limit)
+        return
     fs, where = storage.resolve(path)
     if kind == "parquet":
         with fs.open_input_file(where) as f:

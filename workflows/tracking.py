@@ -206,8 +206,11 @@ class _Mlflow:
         return run.info.run_id
 
     def log_adapter(self, run_id: str, local_dir: Path) -> str:
-        """Upload the adapter folder once as the run's `adapter/`; return its artifact URI."""
-        if not any(f.path == "adapter/adapter_config.json" for f in self.client.list_artifacts(run_id, "adapter")):
+        """Upload the adapter folder once as the run's `adapter/`; return its artifact URI. An upload
+        that was cut short (some files missing) is completed, not taken as done."""
+        uploaded = {Path(f.path).name: f.file_size for f in self.client.list_artifacts(run_id, "adapter")}
+        local = {f.name: f.stat().st_size for f in local_dir.iterdir() if f.is_file()}
+        if any(uploaded.get(name) != size for name, size in local.items()):
             self.client.log_artifacts(run_id, str(local_dir), "adapter")
         return self.client.get_run(run_id).info.artifact_uri.rstrip("/") + "/adapter"
 

@@ -156,6 +156,7 @@ def _cli(*args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "workflows.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOAD REPORT" not in proc.stderr and "Loading weights" not in proc.stderr, proc.stderr[-3000:]
     return proc.stdout
 
 

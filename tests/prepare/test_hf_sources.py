@@ -222,3 +222,14 @@ def test_planning_a_streamed_source_starts_no_ray_and_reads_no_rows(folder, tmp_
     assert result["ray"] == [] and result["status"] == "miss"
     assert result["input_data"] == input_digest(config_from_dict(config))
     assert not list(cache.rglob("*.arrow")), "planning prepared (downloaded) the dataset"
+
+
+def test_preview_of_a_streamed_dataset_reads_the_first_records_of_the_stream(folder, gsm8k):
+    import io
+
+    from workflows.preview import preview
+
+    out = io.StringIO()
+    items = preview(make_config(f"hf:{folder}:main#train", streaming=True), n=2, out=out)
+    assert [i["row"] for i in items] == [1, 2] and items[0]["mode"] == "inputs"
+    assert gsm8k[0]["question"][:40] in out.getvalue()

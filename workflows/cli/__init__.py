@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (default $LORAFLOW_REGISTRY or ~/.cache/loraflow/registry)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
 
     p = add("predict", "classify texts with a classification adapter", cmd_predict,
             'loraflow predict --model minilm-l6 --adapter banking@champion "my card was declined"')
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (default $LORAFLOW_REGISTRY or ~/.cache/loraflow/registry)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
     p = add("submit", "submit a loraflow command (`run CONFIG` by default) to a Ray cluster as a Ray Job",
             cmd_submit, "loraflow submit configs/demo.yaml --address http://127.0.0.1:8265")
     _submit_arguments(p)

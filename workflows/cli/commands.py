@@ -181,8 +181,8 @@ def cmd_run(args, until: str | None = None) -> int:
 
 def cmd_evaluate_adapter(args) -> int:
     cfg = _load(args)
-    with _run_console(args, cfg):
-        out = evaluate_adapter(cfg, args.adapter)
+    with _run_console(args, cfg) as run_id:
+        out = evaluate_adapter(cfg, args.adapter, run_id=run_id)
     if args.json:
         _emit_json(out)
         return EXIT_OK
@@ -287,9 +287,19 @@ def _adapter_dir(spec: str | None, root: str) -> Iterator[Path | None]:
         yield folder
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """transformers' weight-loading report and progress bars stay off the console unless asked."""
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def cmd_generate(args) -> int:
     from workflows.evaluate.generation import generate  # imports torch: only for this command
 
+    _quiet_libraries(args.verbose)
     with _adapter_dir(args.adapter, args.root) as adapter:
         for prompt in args.prompt:
             generate(args.model, adapter, [prompt], max_new_tokens=args.max_new_tokens, device=args.device,
@@ -301,6 +311,7 @@ def cmd_generate(args) -> int:
 def cmd_predict(args) -> int:
     from workflows.evaluate.generation import predict  # imports torch: only for this command
 
+    _quiet_libraries(args.verbose)
     with _adapter_dir(args.adapter, args.root) as adapter:
         results = predict(args.model, adapter, args.text, device=args.device)
     if args.json:

@@ -36,7 +36,8 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, FileBasedDatasource, ReadTask
 
-from workflows.prepare.inputs import HF_STREAM, open_stream, uncompressed_name
+from workflows.artifacts import is_uri
+from workflows.prepare.inputs import HF_STREAM, open_stream, parse_hf_spec, uncompressed_name
 
 RECORD_SCHEMA = pa.schema([("origin", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                            ("raw", pa.binary()), ("error", pa.string())])
@@ -126,11 +127,31 @@ def _stream_blocks(spec: str, origin: str, limit: int | None) -> Iterator[pa.Tab
 def read_datasets(entries: list[tuple[str, str]], origin: str, max_rows: int | None = None) -> list[ray.data.Dataset]:
     """Ray datasets of numbered records for one origin's `(file or spec, kind)` entries: the files in
     one `RecordsDatasource`, each streamed HF dataset in its own `HfStreamDatasource`, which reads
-    at most `max_rows` (`data.max_rows`: the caller still limits the union)."""
-    files = [(f, kind) for f, kind in entries if kind != HF_STREAM]
-    parts = [ray.data.read_datasource(RecordsDatasource(files, origin))] if files else []
-    return parts + [ray.data.read_datasource(HfStreamDatasource(spec, origin, max_rows))
-                    for spec, kind in entries if kind == HF_STREAM]
+    at most `max_rows` (`data.max_rows`: the caller still limits the union).
+
+    Object-store files and Hub streams are read wherever Ray schedules the task. A local path (a
+    file, a `datasets` cache or folder) exists on the driver's disk only: on a cluster of several
+    nodes its read tasks stay on the driver's node (`on_driver_node`)."""
+    local = [(f, kind) for f, kind in entries if kind != HF_STREAM and not is_uri(f)]
+    remote = [(f, kind) for f, kind in entries if kind != HF_STREAM and is_uri(f)]
+    parts = [ray.data.read_datasource(RecordsDatasource(files, origin), **args)
+             for files, args in ((remote, {}), (local, on_driver_node())) if files]
+    for spec, kind in entries:
+        if kind == HF_STREAM:
+            args = on_driver_node() if parse_hf_spec(spec).local else {}
+            parts.append(ray.data.read_datasource(HfStreamDatasource(spec, origin, max_rows), **args))
+    return parts
+
+
+def on_driver_node() -> dict[str, Any]:
+    """Read arguments that pin a task to this (the driver's) node when the cluster has several:
+    `num_cpus=0`, since the head of a cluster often has no CPUs for tasks (cluster/kuberay)."""
+    if sum(1 for n in ray.nodes() if n.get("Alive")) <= 1:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "ray_remote_args": {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}}
 
 
 def _blocks(builder: _BlockBuilder, records: Iterable[tuple[int, bytes, str | None]]) -> Iterator[pa.Table]:
