@@ -74,7 +74,7 @@ class DataSection(Section):
     num_shards: int | None = Field(None, ge=1)  # default: max(2, train.num_workers)
     tokenize_actors: int = Field(1, ge=1)
     batch_size: int = Field(256, ge=1)
-    max_rows: int | None = Field(None, ge=1)  # read at most this many rows (quick experiments)
+    max_rows: int | None = Field(None, ge=1)  # read at most this many rows of source, and of eval_source (quick runs)
     # hf: sources only: read the dataset as a stream (datasets' IterableDataset) instead of from its
     # Arrow files, for data sets that do not fit on disk.
     streaming: bool = False

@@ -7,7 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from workflows import storage
-from workflows.artifacts import SUCCESS
+from workflows.artifacts import SUCCESS, UserError
+
+
+class PreparedDataError(UserError, ValueError):
+    """The prepared dataset cannot feed this config (names the manifest field or the split)."""
 
 
 @dataclass

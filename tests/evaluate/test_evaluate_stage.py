@@ -22,7 +22,7 @@ from workflows.evaluate.generation import normalized_match
 from workflows.evaluate.scorer import ScorerSpec
 from workflows.evaluate.stage import BUCKET_BATCHES, RowCountError, call_rows, run_evaluate, split_by_model
 from workflows.models import load_base, load_tokenizer
-from workflows.prepared import PreparedData
+from workflows.prepared import PreparedData, PreparedDataError
 from workflows.registry.references import champion_for
 from workflows.registry.sqlite import Registry
 
@@ -288,3 +288,17 @@ def test_an_adapter_trained_with_another_pooling_is_refused_before_it_is_scored(
                                                    r"'default'") as e:
         files.check_pooling("default", "champion")
     assert e.value.exit_code == 2
+
+
+def test_an_eval_split_without_rows_is_a_clear_error_naming_the_prepared_folder(tmp_path):
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("label", pa.int64()), ("example_id", pa.string())])
+    manifest = {"task": "seq_cls", "format": "classification", "max_seq_len": 32, "label_names": ["a", "b"],
+                "model_name": "tiny-bert", "tokenizer": {"name": "tiny-bert"}}
+    prepared = _write_prepared(tmp_path / "prepared", [], schema, manifest)
+    adapter = make_adapter("tiny-bert", tmp_path / "cls", seed=5, task="seq_cls", num_labels=2, r=4, alpha=8,
+                           target_modules=["query"], task_type="SEQ_CLS")
+    config = config_from_dict({"model": {"name": "tiny-bert", "task": "seq_cls"},
+                               "data": {"source": "unused.csv", "format": "classification"}})
+    with pytest.raises(PreparedDataError, match="the eval split has no rows") as e:
+        run_evaluate(config, prepared, AdapterFiles.read(adapter), tmp_path / "evaluate")
+    assert str(tmp_path / "prepared") in str(e.value) and not (tmp_path / "evaluate").exists()

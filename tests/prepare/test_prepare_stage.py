@@ -305,3 +305,11 @@ def test_100k_rows_stream_without_the_driver_holding_them(ray_session, tmp_path)
     tokens = prepared.manifest["tokens"]["train"]["total"]
     # ids + labels + positions as int32: what the driver would hold if it collected the rows
     assert peak - before < tokens * 12 / 2, f"driver grew {(peak - before) / 2**20:.0f} MiB"
+
+
+def test_max_rows_reads_the_first_rows_of_the_source_and_of_the_eval_source(ray_session, example_data, tmp_path):
+    """A limit on the union of both would leave the eval source, read after the training data, empty."""
+    cfg = make_config(example_data / "gsm8k" / "train.jsonl.gz", "instruction", fields=GSM8K_FIELDS, max_rows=30,
+                      max_seq_len=1024, eval_source=str(example_data / "gsm8k" / "test.jsonl.gz"))
+    counts = run_prepare(cfg, tmp_path / "prepared").manifest["counts"]
+    assert counts["rows_read"] == 60 and counts["train_rows"] == 30 and counts["eval_rows"] == 30, counts

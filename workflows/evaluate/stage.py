@@ -40,7 +40,7 @@ from workflows.artifacts import atomic_write_json, is_uri, stage_output
 from workflows.config import PipelineConfig
 from workflows.evaluate.metrics import aggregate, paired_bootstrap
 from workflows.evaluate.scorer import BASE, CHAMPION, NEW, EvalScorer, ScorerSpec, default_threads
-from workflows.prepared import PreparedData
+from workflows.prepared import PreparedData, PreparedDataError
 
 _INPUT_COLUMNS = {"causal_lm": ["input_ids", "labels", "example_id", "prompt_len", "reference"],
                   "seq_cls": ["input_ids", "label", "example_id"]}
@@ -227,6 +227,9 @@ def run_evaluate(config: PipelineConfig, prepared: PreparedData, new: AdapterFil
     if not files:
         raise ValueError(f"{prepared.root}: no eval shards (data.eval_fraction is 0 and no data.eval_source)")
     ids_in = _example_ids(files)
+    if not ids_in:
+        raise PreparedDataError(f"{prepared.root}: the eval split has no rows (read, rejected and capped as its "
+                                "manifest's counts say): check data.eval_source, data.eval_fraction and data.max_rows")
     spec = _spec(config, prepared, new, champion, ids_in)
     out_dir = Path(out_dir)
     with stage_output(out_dir) as tmp:

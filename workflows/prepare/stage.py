@@ -91,11 +91,17 @@ def _encode_and_stage(config: PipelineConfig, files: dict[str, list[tuple[str, s
     """Pass 1; returns the write tasks' summaries."""
     data = config.data
     # Files in one datasource per origin; a streamed HF dataset (data.streaming) in its own.
-    parts = [part for origin, entries in files.items() for part in read_datasets(entries, origin, data.max_rows)]
+    # `data.max_rows` takes the first N records of each origin (source, eval_source): a limit on the
+    # union would leave an eval_source read after the training data without a row.
+    parts = []
+    for origin, entries in files.items():
+        reads = read_datasets(entries, origin, data.max_rows)
+        part = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
+        if data.max_rows is not None:  # the first N records: only then does the read order matter
+            part.context.execution_options.preserve_order = True
+            part = part.limit(data.max_rows)
+        parts.append(part)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if data.max_rows is not None:  # the first N records: only then does the read order matter
-        ds.context.execution_options.preserve_order = True
-        ds = ds.limit(data.max_rows)
     ds = ds.map_batches(EncodeExamples, fn_constructor_args=(config.model.name, data, task),
                         batch_format="pyarrow", batch_size=data.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=data.tokenize_actors), num_cpus=1)

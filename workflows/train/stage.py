@@ -38,12 +38,8 @@ from workflows.adapters import AdapterFiles
 from workflows.artifacts import UserError, atomic_write_json, is_uri, stage_output
 from workflows.config import PipelineConfig, TrainSection
 from workflows.models import base_identity, load_tokenizer, tokenizer_fingerprint
-from workflows.prepared import PreparedData
+from workflows.prepared import PreparedData, PreparedDataError
 from workflows.train.worker import WorkerConfig, train_loop_per_worker, train_loop_to_store
-
-
-class PreparedDataError(UserError, ValueError):
-    """The prepared dataset cannot feed this training config (names the manifest field)."""
 
 
 class ClusterTooSmallError(UserError, RuntimeError):
