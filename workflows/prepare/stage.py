@@ -96,12 +96,16 @@ def _encode_and_stage(config: PipelineConfig, files: dict[str, list[tuple[str, s
     parts = []
     for origin, entries in files.items():
         reads = read_datasets(entries, origin, data.max_rows)
+        if not reads:  # an origin without files (no eval_source)
+            continue
         part = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
         if data.max_rows is not None:  # the first N records: only then does the read order matter
             part.context.execution_options.preserve_order = True
             part = part.limit(data.max_rows)
         parts.append(part)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if data.max_rows is not None:
+        ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(EncodeExamples, fn_constructor_args=(config.model.name, data, task),
                         batch_format="pyarrow", batch_size=data.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=data.tokenize_actors), num_cpus=1)
