@@ -87,3 +87,20 @@ def test_a_failed_run_still_writes_its_report(ray_address, tmp_path):
     assert f"loraflow run {config}" in text  # the command that resumes
     assert (report.parent / "run.log").read_text().count("Traceback") == 1  # the details, in the log only
     assert f"details: {report.parent / 'run.log'}" in proc.stderr
+
+
+def test_the_console_pump_drains_the_pipe_when_the_log_cannot_be_written(tmp_path):
+    """A full disk must not stop the reader: the run's writers would block on a full pipe."""
+    import io
+
+    from workflows.cli.console import Console
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    lines = [b"(RayTrainWorker pid=1) noise %d\n" % i for i in range(5000)] + [b"==> [train] done\n"]
+    source, console = io.BytesIO(b"".join(lines)), io.BytesIO()
+    pump = Console(tmp_path / "run.log")
+    pump._pump(source, console, FullDisk())
+    assert source.read() == b"" and console.getvalue() == b"==> [train] done\n" and pump.lines_shown == 1

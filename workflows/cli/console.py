@@ -41,17 +41,19 @@ class Console:
         self.lines_shown = 0
 
     def _pump(self, source: BinaryIO, console: BinaryIO, log: BinaryIO) -> None:
-        last = None
+        """Until the pipe ends. A failed write (a full disk, a closed terminal) drops that sink but
+        the pipe is still drained: a pump that stopped reading would block every writer of the run."""
+        last, sinks = None, {"log": True, "console": True}
         for raw in source:
-            log.write(raw)
-            log.flush()
+            if sinks["log"]:
+                sinks["log"] = _write(log, raw)
             text = raw.decode("utf-8", "replace").rstrip("\n")
             keep = text if self.verbose else shown(text)
             if keep is None or (keep == last and not self.verbose):  # Ray may relay a line twice
                 continue
             last = keep
-            console.write((keep + "\n").encode())
-            console.flush()
+            if sinks["console"]:
+                sinks["console"] = _write(console, (keep + "\n").encode())
             self.lines_shown += 1
 
     def __enter__(self) -> Console:
@@ -85,6 +87,15 @@ class Console:
             os.close(fd)
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+def _write(sink: BinaryIO, data: bytes) -> bool:
+    try:
+        sink.write(data)
+        sink.flush()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
