@@ -19,6 +19,7 @@ from pathlib import Path
 
 from workflows import storage
 from workflows.artifacts import UserError
+from workflows.heads import pooling_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -74,8 +75,7 @@ class AdapterFiles:
     @property
     def pooling(self) -> str:
         """The `model.pooling` the adapter was trained with ("default" when loraflow.json has none)."""
-        meta = json.loads(self.files.get("loraflow.json", b"{}"))
-        return ((meta.get("config") or {}).get("model") or {}).get("pooling", "default")
+        return pooling_of(json.loads(self.files.get(LINEAGE_FILE, b"{}")))
 
     def check_pooling(self, pooling: str, role: str) -> None:
         """The adapter goes onto a base whose head is fed with `pooling`: it must have been trained so."""

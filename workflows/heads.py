@@ -32,6 +32,11 @@ def check_task(name: str, task: str, num_labels: int | None, pooling: str, encod
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
+def pooling_of(lineage: dict[str, Any]) -> str:
+    """The pooling an adapter was trained with, from its loraflow.json ("default" when absent)."""
+    return ((lineage.get("config") or {}).get("model") or {}).get("pooling", "default")
+
+
 def apply_pooling(model: Any, pooling: str) -> Any:
     return use_mean_pooling(model) if pooling == "mean" else model
 

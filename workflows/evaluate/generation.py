@@ -24,6 +24,7 @@ import torch
 from transformers import GenerationConfig
 
 from lora_core import load_adapter
+from workflows.heads import pooling_of
 from workflows.models import load_base
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -159,7 +160,7 @@ def default_device() -> str:
 def _load(model_name: str | None, adapter_dir: Path | None, **base_kwargs):
     meta = _adapter_meta(adapter_dir)
     if base_kwargs.get("task") == "seq_cls":  # the head is fed as it was in training
-        base_kwargs["pooling"] = ((meta.get("config") or {}).get("model") or {}).get("pooling", "default")
+        base_kwargs["pooling"] = pooling_of(meta)
     model, tokenizer = load_base(_model_name(model_name, meta), **base_kwargs)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
