@@ -139,21 +139,17 @@ def _run_stages(p: Plan, run_id: str, ray: RaySession, until: str | None, log: L
     outputs: dict[str, dict[str, Any]] = {}
     for st in p.stages:
         stage = STAGE[st.name]
-        try:
-            lease_held()  # a driver whose work-store lease was taken over stops before it writes more
-        except BaseException as e:
-            manifest["error"] = {"stage": st.name, "type": type(e).__name__, "message": str(e)}
-            raise
         log(f"==> [{st.name}] {'running' if st.fresh else 'cached'} ({st.why}) fingerprint {st.fingerprint}")
         if st.fresh and stage.needs_ray:
             ray.ensure()
-        if st.fresh:
-            p.layout.store.clear_staging(st.name, st.fingerprint)
         t0 = time.time()
         run = StageRun(p, st, {u: outputs[u] for u in stage.upstream}, run_id)
         replacing = p.layout.store.replacing(st.name, st.fingerprint) if st.status == "forced" \
             else contextlib.nullcontext()
         try:
+            lease_held()  # a driver whose work-store lease was taken over stops before it writes more
+            if st.fresh:
+                p.layout.store.clear_staging(st.name, st.fingerprint)
             with replacing:
                 outputs[st.name] = stage.body(run)
         except BaseException as e:  # what the report of a failed run says
