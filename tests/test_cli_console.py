@@ -25,6 +25,7 @@ def outputs(tmp_path: Path) -> list[str]:
             f"--set=registry.root={tmp_path / 'registry'}"]
 
 
+@pytest.mark.train_group
 def test_the_demo_prints_at_most_40_lines_and_logs_everything(ray_address, tmp_path):
     """configs/demo.yaml as shipped (36 steps, a progress line every 4, 24 generated answers) on the
     tiny model: the console shows the stage banners, the rank-0 progress lines and the summary."""
@@ -75,6 +76,7 @@ def test_a_failure_the_user_can_fix_is_one_line_without_a_traceback(case, ray_ad
     assert len(errors) == 1 and message in "\n".join(proc.stderr.splitlines()[errors[0]:]), proc.stderr[-3000:]
 
 
+@pytest.mark.train_group
 def test_a_failed_run_still_writes_its_report(ray_address, tmp_path):
     config = write_config(tmp_path, {"source": str(FIXTURES / "chat_broken.jsonl"), "format": "chat",
                                      "max_seq_len": 64, "truncate": False})

@@ -28,6 +28,8 @@ from workflows.artifacts import cache_root
 from workflows.ops.local_cluster import start_head
 from workflows.registry.sqlite import Registry
 
+pytestmark = pytest.mark.train_group
+
 REPO = Path(__file__).resolve().parents[1]
 
 

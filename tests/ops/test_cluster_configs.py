@@ -293,6 +293,7 @@ def test_local_scripts_are_posix_shell():
         assert not any("ray stop" in line for line in commands), script  # it would stop every cluster
 
 
+@pytest.mark.train_group
 def test_local_scripts_start_a_head_and_worker_and_stop_exactly_them(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "LORAFLOW_LOCAL_STATE": str(tmp_path / "state.json")}
     bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)  # someone else's process

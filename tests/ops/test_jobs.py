@@ -157,6 +157,7 @@ def test_invalid_config_fails_before_anything_is_submitted(project):
         plan(project / "configs" / "demo.yaml", working_dir=project)
 
 
+@pytest.mark.train_group
 def test_cmd_submit_prints_the_refusal_and_returns_2(project, head, capsys, monkeypatch):
     monkeypatch.chdir(project)
     write_config(project, {"data": {"source": "../data/nope.jsonl", "format": "instruction"}})
@@ -166,6 +167,7 @@ def test_cmd_submit_prints_the_refusal_and_returns_2(project, head, capsys, monk
     assert "data.source: ../data/nope.jsonl does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.train_group
 def test_a_head_on_this_machine_is_recognised_as_local(head):
     assert jobs.cluster_on_this_machine(head.dashboard_url)
 
@@ -201,6 +203,7 @@ def test_an_address_without_a_job_server_is_a_clear_error():
 
 # ---- real jobs on a private head ----
 
+@pytest.mark.train_group
 def test_a_job_imports_the_shipped_workflows_package_and_succeeds(head, tmp_path):
     marker = tmp_path / "marker.txt"
     script = f"import pathlib, workflows; pathlib.Path({str(marker)!r}).write_text(workflows.__file__)"
@@ -210,6 +213,7 @@ def test_a_job_imports_the_shipped_workflows_package_and_succeeds(head, tmp_path
     assert "_ray_pkg_" in marker.read_text()  # imported from the uploaded copy, not the checkout
 
 
+@pytest.mark.train_group
 def test_logs_are_followed_while_waiting_and_can_be_fetched_later(head):
     out = io.StringIO()
     outcome = jobs.submit_entrypoint("echo hello-from-the-job", head.dashboard_url, out=out)
@@ -217,11 +221,13 @@ def test_logs_are_followed_while_waiting_and_can_be_fetched_later(head):
     assert "hello-from-the-job" in jobs.job_logs(outcome.job_id, head.dashboard_url)
 
 
+@pytest.mark.train_group
 def test_a_failed_job_exits_with_the_driver_exit_code(head):
     outcome = jobs.submit_entrypoint("python -c 'import sys; sys.exit(7)'", head.dashboard_url, out=io.StringIO())
     assert (outcome.status, outcome.exit_code) == ("FAILED", 7)
 
 
+@pytest.mark.train_group
 def test_a_stopped_job_has_its_own_exit_code(head):
     started = jobs.submit_entrypoint("sleep 300", head.dashboard_url, wait=False, out=io.StringIO())
     assert started.exit_code is None
@@ -230,6 +236,7 @@ def test_a_stopped_job_has_its_own_exit_code(head):
     assert (outcome.status, outcome.exit_code) == ("STOPPED", jobs.EXIT_STOPPED)
 
 
+@pytest.mark.train_group
 def test_cmd_jobs_status_prints_the_outcome_and_returns_its_exit_code(head, capsys):
     outcome = jobs.submit_entrypoint("python -c 'import sys; sys.exit(5)'", head.dashboard_url, out=io.StringIO())
     from workflows.cli import main
@@ -239,6 +246,7 @@ def test_cmd_jobs_status_prints_the_outcome_and_returns_its_exit_code(head, caps
     assert f"{outcome.job_id} FAILED (exit code 5)" in capsys.readouterr().out
 
 
+@pytest.mark.train_group
 def test_loraflow_submit_ships_the_config_and_data_and_the_job_runs_loraflow_on_the_cluster(project, head, capsys):
     from workflows.cli import main
 
@@ -248,6 +256,7 @@ def test_loraflow_submit_ships_the_config_and_data_and_the_job_runs_loraflow_on_
     assert "configs/demo.yaml: ok" in capsys.readouterr().out  # printed by `loraflow validate` in the job
 
 
+@pytest.mark.train_group
 def test_an_unknown_job_id_is_a_clear_error(head):
     with pytest.raises(jobs.JobsError, match="no job 'raysubmit_nope'"):
         jobs.job_status("raysubmit_nope", head.dashboard_url)
@@ -260,6 +269,7 @@ def _wait_for_status(job_id: str, address: str, status: str, timeout: float = 60
         time.sleep(0.2)
 
 
+@pytest.mark.train_group
 def test_a_token_auth_cluster_accepts_the_token_file_and_explains_a_missing_token(tmp_path, monkeypatch):
     token = tmp_path / "auth_token"
     token.write_text("loraflow-test-token")
@@ -273,6 +283,7 @@ def test_a_token_auth_cluster_accepts_the_token_file_and_explains_a_missing_toke
             jobs.submit_entrypoint("true", h.dashboard_url, out=io.StringIO())
 
 
+@pytest.mark.train_group
 def test_stopping_a_private_head_kills_exactly_its_processes(tmp_path):
     # Stands in for someone else's process on the machine: it must outlive our head.
     bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)

@@ -9,11 +9,14 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from workflows.ops import jobs
 from workflows.ops.local_cluster import private_head
 from workflows.registry.sqlite import Registry
+
+pytestmark = pytest.mark.train_group
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "data"))

@@ -27,6 +27,8 @@ from workflows.prepare.stage import run_prepare
 from workflows.registry.sqlite import Registry
 from workflows.train.stage import run_train
 
+pytestmark = pytest.mark.train_group
+
 INTENTS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top_up_failed", "cash_withdrawal_charge",
            "passcode_forgotten"]
 

@@ -26,6 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+pytestmark = pytest.mark.train_group
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "train")]
 

@@ -21,6 +21,7 @@ from workflows.prepared import PreparedData
 from workflows.train.checkpoint import tensors_digest
 from workflows.train.stage import ClusterTooSmallError, PreparedDataError, run_train
 
+pytestmark = pytest.mark.train_group
 
 @pytest.fixture(scope="module")
 def prepared(ray_session, example_data, session_tmp):
