@@ -148,7 +148,7 @@ def plan(config: PipelineConfig, force_from: str | None = None,
             if name == "input_data":
                 components[name] = input_digest(config)
                 continue
-            adapter = (resolve_adapter(config.train.init_adapter, config.registry.root)
+            adapter = (resolve_adapter(config.train.init_adapter, config.registry.root, config.registry.root_from)
                        if name == "init_adapter" and config.train.init_adapter
                        else champion_for(config, fps["train"]) if name == "champion" else None)
             components[name] = adapter.token if adapter else None

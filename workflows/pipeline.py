@@ -216,7 +216,7 @@ def evaluate_adapter(config: PipelineConfig, adapter: str, log: Log | None = Non
     `run_id` names the run whose manifest and log the prepare part writes."""
     from workflows.evaluate.stage import run_evaluate
 
-    resolved = resolve_adapter(adapter, config.registry.root)
+    resolved = resolve_adapter(adapter, config.registry.root, config.registry.root_from)
     with ray_session(config, log or _stderr, start=True):  # one session for prepare and evaluate
         manifest = run_pipeline(config, until="prepare", log=log, run_id=run_id)
         prepared = PreparedData.load(manifest["stages"]["prepare"]["outputs"]["dir"])
