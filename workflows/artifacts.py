@@ -123,8 +123,11 @@ def fsync_dir(directory: Path) -> None:
 def atomic_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on clean exit rename it to `final`.
 
-    On error the temp directory is removed and `final` is untouched. An existing `final` is an
-    error unless `replace` (then it is swapped out after the new one is complete).
+    Every file and folder in it is flushed to stable storage before the rename, and the parent
+    after it: after a power loss `final` holds complete files or does not exist (a truncated shard
+    under a `_SUCCESS` would be a cache hit for good). On error the temp directory is removed and
+    `final` is untouched. An existing `final` is an error unless `replace` (then it is swapped out
+    after the new one is complete).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -132,15 +135,18 @@ def atomic_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
         if final.exists():
             if not replace:
                 raise FileExistsError(f"{final} exists; refusing to overwrite it")
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
             os.rename(tmp, final)
+            fsync_dir(final.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
+            fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -213,7 +213,7 @@ def _prepare(run: StageRun) -> dict[str, Any]:
         from workflows.prepare.stage import run_prepare
 
         # Every node writes straight to the stage's place in the store, committed by run_prepare.
-        run_prepare(run.config, run.stage.uri)
+        run_prepare(run.config, run.stage.uri, planned_digest=run.stage.components["input_data"])
     # Remote: the shards are read straight from the store, by whichever node reads them.
     m = PreparedData.load(run.stage.uri).manifest
     return {"dir": run.stage.uri, "counts": m.get("counts", {}), "input_digest": m.get("input_digest"),
