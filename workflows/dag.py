@@ -198,13 +198,17 @@ class StageRun:
     stage: PlannedStage
     inputs: Mapping[str, dict[str, Any]]
     run_id: str
+    # Raises LockHeldError once the work directory's lease is lost: called right before each commit.
+    lease_held: Callable[[], None] = lambda: None
 
     @property
     def config(self) -> PipelineConfig:
         return self.plan.config
 
     def publish(self) -> None:
-        """Commit the freshly written stage directory to the work store (a no-op when local)."""
+        """Commit the freshly written stage directory to the work store (a no-op when local), if
+        this driver still holds the work directory."""
+        self.lease_held()
         self.plan.layout.store.publish(self.stage.name, self.stage.fingerprint)
 
 
@@ -213,7 +217,8 @@ def _prepare(run: StageRun) -> dict[str, Any]:
         from workflows.prepare.stage import run_prepare
 
         # Every node writes straight to the stage's place in the store, committed by run_prepare.
-        run_prepare(run.config, run.stage.uri, planned_digest=run.stage.components["input_data"])
+        run_prepare(run.config, run.stage.uri, planned_digest=run.stage.components["input_data"],
+                    before_commit=run.lease_held)
     # Remote: the shards are read straight from the store, by whichever node reads them.
     m = PreparedData.load(run.stage.uri).manifest
     return {"dir": run.stage.uri, "counts": m.get("counts", {}), "input_digest": m.get("input_digest"),
@@ -263,6 +268,7 @@ def _register(run: StageRun) -> dict[str, Any]:
             "loraflow_version": __version__,
             "fingerprints": {s.name: s.fingerprint for s in run.plan.stages},
         }
+        run.lease_held()  # the registry commit below is not undone by a lost lease: check first
         with AdapterFiles.read(run.inputs["train"]["adapter"]).materialized() as adapter_dir:
             version, decision = register_and_gate(run.config, adapter_dir, run.inputs["evaluate"]["metrics"], lineage)
         with stage_output(run.stage.dir) as tmp:

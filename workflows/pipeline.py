@@ -143,7 +143,7 @@ def _run_stages(p: Plan, run_id: str, ray: RaySession, until: str | None, log: L
         if st.fresh and stage.needs_ray:
             ray.ensure()
         t0 = time.time()
-        run = StageRun(p, st, {u: outputs[u] for u in stage.upstream}, run_id)
+        run = StageRun(p, st, {u: outputs[u] for u in stage.upstream}, run_id, lease_held)
         replacing = p.layout.store.replacing(st.name, st.fingerprint) if st.status == "forced" \
             else contextlib.nullcontext()
         try:

@@ -159,7 +159,9 @@ def _run_console(args, cfg: PipelineConfig) -> Iterator[str]:
             yield run_id
         kept = (run_dir / "manifest.json").exists()
     except LockHeldError:
-        kept = False  # another run holds the work directory: this one never started
+        # Another run held the work directory from the start (no manifest: this run never started),
+        # or took it over mid-run: then the records of what ran (manifest, report, run.log) stay.
+        kept = (run_dir / "manifest.json").exists()
         raise
     finally:
         if not kept:  # no run (retrain found no change, the lease was held): no run directory

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -143,11 +144,13 @@ def _finalize(plan: BucketPlan, buckets: int, max_eval_rows: int | None) -> list
     return results
 
 
-def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = None) -> PreparedData:
+def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = None,
+                before_commit: Callable[[], None] | None = None) -> PreparedData:
     """Run the stage and commit its output at `out` (a local path or a store URI). Uses the running
     Ray instance. Raises PrepareError when too many rows are rejected (the rejects are then kept
     beside `out` as `<out>.rejects/`), or when the input's digest after reading is not
-    `planned_digest`, the one the stage's fingerprint holds (the data changed under the run)."""
+    `planned_digest`, the one the stage's fingerprint holds (the data changed under the run).
+    `before_commit` runs right before the commit (the run lease's check)."""
     _check_config(config)
     data, task, started = config.data, task_of(config), time.time()
     tokenizer = load_tokenizer(config.model.name)
@@ -156,7 +159,7 @@ def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = N
     packed = task == "causal_lm" and data.pack is not False
     files = input_files(config)
     buckets = num_buckets(config, files)
-    with storage.committed_dir(out) as root:
+    with storage.committed_dir(out, before_commit) as root:
         summaries = _encode_and_stage(config, files, task, root, buckets)
         digest = _check_input_unchanged(config, planned_digest)
         stats = merge_summaries(summaries)
