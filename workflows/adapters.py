@@ -77,6 +77,13 @@ class AdapterFiles:
         """The `model.pooling` the adapter was trained with ("default" when loraflow.json has none)."""
         return pooling_of(json.loads(self.files.get(LINEAGE_FILE, b"{}")))
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """The class names a classifier adapter was trained on (its loraflow.json), else None."""
+        meta = json.loads(self.files.get(LINEAGE_FILE, b"{}"))
+        names = meta.get("label_names") or (meta.get("extra") or {}).get("label_names")
+        return list(names) if names else None
+
     def check_pooling(self, pooling: str, role: str) -> None:
         """The adapter goes onto a base whose head is fed with `pooling`: it must have been trained so."""
         if self.pooling != pooling:

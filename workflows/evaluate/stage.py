@@ -94,6 +94,20 @@ def _spec(config: PipelineConfig, prepared: PreparedData, new: AdapterFiles, cha
                       gpus=gpus_per_actor(config))
 
 
+def champion_not_comparable(champion: AdapterFiles | None, labels: list[str] | None) -> str | None:
+    """Why a classifier champion cannot be scored on rows labelled with `labels` (None: it can).
+    Its head predicts its own classes: scored against other label ids its numbers mean nothing."""
+    if champion is None or labels is None or champion.label_names == list(labels):
+        return None
+    theirs = champion.label_names
+    return (f"not comparable: the champion {champion.ref} was trained on "
+            f"{_shown(theirs) if theirs else 'labels it did not record'}, these eval rows use {_shown(list(labels))}")
+
+
+def _shown(names: list[str]) -> str:
+    return f"{len(names)} labels {names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
 def gpus_per_actor(config: PipelineConfig) -> float:
     """`eval.gpus_per_actor`, by default one GPU per actor when training uses GPUs."""
     if config.eval.gpus_per_actor is not None:
@@ -230,12 +244,15 @@ def run_evaluate(config: PipelineConfig, prepared: PreparedData, new: AdapterFil
     if not ids_in:
         raise PreparedDataError(f"{prepared.root}: the eval split has no rows (read, rejected and capped as its "
                                 "manifest's counts say): check data.eval_source, data.eval_fraction and data.max_rows")
-    spec = _spec(config, prepared, new, champion, ids_in)
+    not_comparable = champion_not_comparable(champion, prepared.manifest.get("label_names"))
+    spec = _spec(config, prepared, new, None if not_comparable else champion, ids_in)
     out_dir = Path(out_dir)
     with stage_output(out_dir) as tmp:
         score_dataset(files, spec, config.eval.actors, len(ids_in), tmp / "per_example",
                       driver_writes=is_uri(config.cluster.work_dir))
         table = pq.read_table(tmp / "per_example")
         metrics = build_metrics(config, prepared, table, ids_in, spec)
+        if not_comparable:  # the gate records it; the champion was not scored
+            metrics.update(champion_ref=champion.ref, champion_not_comparable=not_comparable)
         atomic_write_json(tmp / "metrics.json", metrics)
     return EvalResult(out_dir, metrics, sorted((out_dir / "per_example").glob("part-*.parquet")))

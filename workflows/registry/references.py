@@ -86,7 +86,7 @@ def champion_for(config: PipelineConfig, train_fingerprint: str | None) -> Resol
         if trained == train_fingerprint:
             moves = [m for m in registry.history(name, alias) if m.to_version == holder]
             holder = moves[-1].from_version if moves else None
-    if holder is None:
+    if holder is None or registry.get(f"{name}:{holder}").deleted:  # a deleted earlier holder: none to compare
         return None
     return _pinned(registry, registry.get(f"{name}:{holder}"))
 
