@@ -41,7 +41,8 @@ class Stage:
     name: str
     upstream: tuple[str, ...]  # stages whose outputs the body reads (and nothing else)
     sections: tuple[str, ...]  # config sections that feed the fingerprint
-    external: tuple[str, ...]  # outside inputs that feed the fingerprint: input_data, init_adapter, champion
+    # Outside inputs that feed the fingerprint: input_data, base_model, init_adapter, champion.
+    external: tuple[str, ...]
     needs_ray: bool
     body: Callable[[StageRun], dict[str, Any]]  # runs (or reuses) the stage; returns its JSON outputs
 
@@ -120,7 +121,8 @@ def _why_changed(name: str, components: dict[str, Any], previous: dict[str, Any]
     changed = sorted(k for k in set(components) | set(before) if components.get(k) != before.get(k))
     if not changed:
         return "output missing (deleted, or the last attempt did not finish)"
-    labels = {"input_data": "input data changed", "version": "loraflow version changed",
+    labels = {"input_data": "input data changed", "base_model": "base model changed",
+              "version": "loraflow version changed",
               "init_adapter": "warm-start adapter changed", "champion": "champion changed"}
     parts = [labels.get(k, f"{k.removeprefix('upstream:')} upstream changed" if k.startswith("upstream:")
                         else f"`{k}` section changed") for k in changed]
@@ -128,12 +130,15 @@ def _why_changed(name: str, components: dict[str, Any], previous: dict[str, Any]
 
 
 def plan(config: PipelineConfig, force_from: str | None = None,
-         input_digest: Callable[[PipelineConfig], str] | None = None) -> Plan:
+         input_digest: Callable[[PipelineConfig], str] | None = None,
+         base_token: Callable[[str, str | None], str] | None = None) -> Plan:
     """Fingerprint every stage and decide hit/miss without running anything (no Ray, no torch)."""
     if force_from is not None and force_from not in STAGE_NAMES:
         raise ValueError(f"--from {force_from!r}: choose one of {', '.join(STAGE_NAMES)}")
     if input_digest is None:
         from workflows.prepare.inputs import input_digest
+    if base_token is None:
+        from workflows.models import base_token
     layout = Layout.of(config)
     layout.store.check()
     previous = _read_state(layout)
@@ -147,6 +152,9 @@ def plan(config: PipelineConfig, force_from: str | None = None,
         for name in stage.external:
             if name == "input_data":
                 components[name] = input_digest(config)
+                continue
+            if name == "base_model":  # the weights' content: a folder updated in place is a change
+                components[name] = base_token(config.model.name, config.model.revision)
                 continue
             adapter = (resolve_adapter(config.train.init_adapter, config.registry.root, config.registry.root_from)
                        if name == "init_adapter" and config.train.init_adapter
@@ -283,11 +291,11 @@ def _register(run: StageRun) -> dict[str, Any]:
 
 # The graph. Order is a topological order.
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", upstream=(), sections=("model", "data"), external=("input_data",),
+    Stage("prepare", upstream=(), sections=("model", "data"), external=("input_data", "base_model"),
           needs_ray=True, body=_prepare),
-    Stage("train", upstream=("prepare",), sections=("model", "lora", "train"), external=("init_adapter",),
-          needs_ray=True, body=_train),
-    Stage("evaluate", upstream=("prepare", "train"), sections=("eval",), external=("champion",),
+    Stage("train", upstream=("prepare",), sections=("model", "lora", "train"),
+          external=("base_model", "init_adapter"), needs_ray=True, body=_train),
+    Stage("evaluate", upstream=("prepare", "train"), sections=("eval",), external=("base_model", "champion"),
           needs_ray=True, body=_evaluate),
     Stage("register", upstream=("prepare", "train", "evaluate"), sections=("registry",), external=(),
           needs_ray=False, body=_register),

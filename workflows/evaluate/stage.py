@@ -85,7 +85,8 @@ def _spec(config: PipelineConfig, prepared: PreparedData, new: AdapterFiles, cha
     labels = prepared.manifest.get("label_names")
     if champion is not None:  # scored on the same base as the new adapter
         champion.check_pooling(config.model.pooling, "champion")
-    return ScorerSpec(model_name=config.model.name, task=prepared.task, manifest=prepared.manifest,
+    return ScorerSpec(model_name=config.model.name, task=prepared.task, revision=config.model.revision,
+                      manifest=prepared.manifest,
                       adapters=adapters, score_base=config.eval.compare_base, dtype=config.model.dtype,
                       pooling=config.model.pooling, num_labels=len(labels) if labels else None,
                       threads=default_threads(config.eval.actors),

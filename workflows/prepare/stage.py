@@ -118,7 +118,7 @@ def _encode_and_stage(config: PipelineConfig, files: dict[str, list[tuple[str, s
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if data.max_rows is not None:
         ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(EncodeExamples, fn_constructor_args=(config.model.name, data, task),
+    ds = ds.map_batches(EncodeExamples, fn_constructor_args=(config.model.name, data, task, config.model.revision),
                         batch_format="pyarrow", batch_size=data.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=data.tokenize_actors), num_cpus=1)
     writer = BucketedShardWriter(root, task, buckets)
@@ -153,7 +153,7 @@ def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = N
     `before_commit` runs right before the commit (the run lease's check)."""
     _check_config(config)
     data, task, started = config.data, task_of(config), time.time()
-    tokenizer = load_tokenizer(config.model.name)
+    tokenizer = load_tokenizer(config.model.name, revision=config.model.revision)
     # Fails here, in the driver, on a template/EOS problem instead of once per row in the actors.
     encoder = ExampleEncoder(tokenizer, data.format, data.max_seq_len, data.template, data.truncate)
     packed = task == "causal_lm" and data.pack is not False
