@@ -95,6 +95,7 @@ class AdapterFiles:
         """Write the files into `directory` (created; existing files of the same names replaced)."""
         directory = Path(directory)
         for rel, data in self.files.items():
+            storage.check_relative(rel, f"{self.ref}/{rel}")
             (directory / rel).parent.mkdir(parents=True, exist_ok=True)
             (directory / rel).write_bytes(data)
         return directory

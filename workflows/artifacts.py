@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -33,6 +34,22 @@ def cache_root() -> Path:
 def is_uri(location: str | Path) -> bool:
     """An object-store or other URL (`s3://bucket/key`), as opposed to a local path."""
     return "://" in str(location)
+
+
+_URI_CREDENTIALS = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
+
+
+def redact(value: Any) -> Any:
+    """`value` (a string, or JSON-like data holding strings) with the credentials of every URI in it
+    hidden: `https://user:token@host/x` becomes `https://***@host/x`. Whatever a run records (the
+    manifest, run.log, loraflow.json, registry lineage, MLflow params, error texts) passes here."""
+    if isinstance(value, str):
+        return _URI_CREDENTIALS.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------- hashes

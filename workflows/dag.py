@@ -28,7 +28,7 @@ from typing import Any
 
 from workflows import __version__, tracking
 from workflows.adapters import AdapterFiles
-from workflows.artifacts import atomic_write_json, fingerprint, stage_output
+from workflows.artifacts import atomic_write_json, fingerprint, redact, stage_output
 from workflows.config import PipelineConfig, check_runs_dir
 from workflows.prepared import PreparedData
 from workflows.registry.references import ResolvedAdapter, champion_for, resolve_adapter
@@ -266,16 +266,7 @@ def _register(run: StageRun) -> dict[str, Any]:
     if run.stage.fresh:
         from workflows.registry.stage import register_and_gate
 
-        prep, init = run.inputs["prepare"], run.plan.adapters.get("init_adapter")
-        lineage = {
-            "parent_adapter": init.ref if init else None,
-            "run_id": run.run_id,
-            "input_digest": prep.get("input_digest"),
-            "prepared_manifest_digest": prep.get("rows_digest"),
-            "config": run.config.model_dump(mode="json"),
-            "loraflow_version": __version__,
-            "fingerprints": {s.name: s.fingerprint for s in run.plan.stages},
-        }
+        lineage = register_lineage(run)
         run.lease_held()  # the registry commit below is not undone by a lost lease: check first
         with AdapterFiles.read(run.inputs["train"]["adapter"]).materialized() as adapter_dir:
             version, decision = register_and_gate(run.config, adapter_dir, run.inputs["evaluate"]["metrics"], lineage)
@@ -287,6 +278,20 @@ def _register(run: StageRun) -> dict[str, Any]:
         # cache hit, and the end-of-run tracking mirrors the version again).
         tracking.mirror_registration(run.config, Registry(run.config.registry.root), run.config.registry.name, version)
     return {"dir": run.stage.uri, **read_json(join(run.stage.uri, "register.json"))}
+
+
+def register_lineage(run: StageRun) -> dict[str, Any]:
+    """What the registry records about where a version came from; no credentials of any URI."""
+    prep, init = run.inputs["prepare"], run.plan.adapters.get("init_adapter")
+    return redact({
+        "parent_adapter": init.ref if init else None,
+        "run_id": run.run_id,
+        "input_digest": prep.get("input_digest"),
+        "prepared_manifest_digest": prep.get("rows_digest"),
+        "config": run.config.model_dump(mode="json"),
+        "loraflow_version": __version__,
+        "fingerprints": {s.name: s.fingerprint for s in run.plan.stages},
+    })
 
 
 # The graph. Order is a topological order.

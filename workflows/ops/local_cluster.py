@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from workflows.ops.auth import auth_headers, auth_token
+from workflows.ops.auth import auth_headers, auth_token, open_url
 
 AUTH_MODES = ("disabled", "token")
 
@@ -199,8 +199,8 @@ class PrivateHead:
 
 
 def _get_json(url: str, env: dict[str, str]) -> dict:
-    req = urllib.request.Request(url, headers=auth_headers(env))
-    with urllib.request.urlopen(req, timeout=5) as r:
+    req = urllib.request.Request(url, headers=auth_headers(env, address=url))
+    with open_url(req, timeout=5) as r:
         return json.load(r)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import ray
 
 from workflows import __version__, storage
-from workflows.artifacts import UserError
+from workflows.artifacts import UserError, redact
 from workflows.config import PipelineConfig
 from workflows.models import load_tokenizer, tokenizer_fingerprint
 from workflows.prepare.encode import EncodeExamples
@@ -188,7 +188,7 @@ def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = N
         }
         manifest.update(_counts_and_tokens(stats, results, packed, data.max_seq_len))
         manifest["seconds"] = round(time.time() - started, 2)
-        storage.write_json(manifest, storage.join(root, "manifest.json"))
+        storage.write_json(redact(manifest), storage.join(root, "manifest.json"))
     return PreparedData.load(out)
 
 
