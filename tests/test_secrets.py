@@ -10,9 +10,8 @@ import pytest
 
 from workflows import storage
 from workflows.adapters import AdapterFiles
-from workflows.artifacts import redact
+from workflows.artifacts import UnsafePathError, redact
 from workflows.config import config_from_dict
-from workflows.storage import StorageError
 
 SECRET_URI = "https://alice:tok3n@mlflow.example.com/api"
 
@@ -91,13 +90,13 @@ class Listing:
 
 @pytest.mark.parametrize("key", ["../../outside.txt", "a/../../outside.txt", "/etc/passwd"])
 def test_a_listed_key_that_leaves_its_folder_is_refused(key):
-    with pytest.raises(StorageError, match="outside its folder"):
+    with pytest.raises(UnsafePathError, match="outside its folder"):
         storage.list_files(Listing(["adapter_config.json", key]), "bucket/adapter")
 
 
 def test_adapter_files_are_never_written_outside_their_folder(tmp_path):
     files = AdapterFiles("demo:1", {"adapter_config.json": b"{}", "../escape.txt": b"x"})
-    with pytest.raises(StorageError, match="outside its folder"):
+    with pytest.raises(UnsafePathError, match="outside its folder"):
         files.write(tmp_path / "adapter")
     assert not (tmp_path / "escape.txt").exists()
 

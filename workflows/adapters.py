@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workflows import storage
-from workflows.artifacts import UserError
+from workflows.artifacts import UserError, check_relative
 from workflows.heads import pooling_of
 
 CONFIG_FILE = "adapter_config.json"
@@ -95,7 +95,7 @@ class AdapterFiles:
         """Write the files into `directory` (created; existing files of the same names replaced)."""
         directory = Path(directory)
         for rel, data in self.files.items():
-            storage.check_relative(rel, f"{self.ref}/{rel}")
+            check_relative(rel, f"{self.ref}/{rel}")
             (directory / rel).parent.mkdir(parents=True, exist_ok=True)
             (directory / rel).write_bytes(data)
         return directory

@@ -52,6 +52,20 @@ def redact(value: Any) -> Any:
     return value
 
 
+class UnsafePathError(ValueError):
+    """A relative path from outside (a store's listing, an adapter's file names) that would leave
+    the folder it is written into."""
+
+
+def check_relative(rel: str, where: str) -> str:
+    """`rel` if it is a relative path that stays inside its folder; UnsafePathError otherwise."""
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or rel.startswith("/") or ".." in parts or (parts[0].endswith(":") and len(parts[0]) == 2):
+        raise UnsafePathError(f"{where}: the key {rel!r} would be written outside its folder (absolute or '..'); "
+                              "refusing to copy it")
+    return rel
+
+
 # ----------------------------------------------------------------------------- hashes
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -383,16 +383,11 @@ def base_identity(name: str, revision: str | None = None) -> dict[str, Any]:
 
 
 def base_token(name: str, revision: str | None = None) -> str:
-    """The base's identity as fingerprints hold it (prepare, train and evaluate): the content hash of
-    its weights (cached by path, size, mtime and inode: read once) or its pinned revision, so a model
-    folder updated in place misses the cache. Cheap enough to plan with: converts nothing (the
-    SmolLM2 folder is a function of its GGUF, which is what is hashed) and downloads nothing."""
-    if name == "smollm2-135m":
-        identity: dict[str, Any] = {"gguf_sha256": sha256_file_cached(_smollm2_gguf())}
-    else:
-        identity = {k: v for k, v in base_identity(name, revision).items() if k != "path"}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{name}@{revision}#{digest}" if revision else f"{name}#{digest}"
+    """The base's identity in fingerprints (prepare, train, evaluate): its weights' content hash
+    (cached by path, size, mtime and inode) or pinned revision. Converts and downloads nothing."""
+    identity = ({"gguf_sha256": sha256_file_cached(_smollm2_gguf())} if name == "smollm2-135m"  # its folder's source
+                else {k: v for k, v in base_identity(name, revision).items() if k != "path"})
+    return f"{name}@{revision or ''}#{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
 def _cached_hub_revision(name: str) -> str | None:

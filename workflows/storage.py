@@ -38,6 +38,7 @@ from workflows.artifacts import (
     atomic_write_json,
     atomic_write_text,
     cache_root,
+    check_relative,
     is_complete,
     is_uri,
     stage_output,
@@ -148,23 +149,13 @@ def download_file(fs: pafs.FileSystem, src: str, dst: Path) -> None:
 
 
 def list_files(fs: pafs.FileSystem, root: str) -> dict[str, int]:
-    """{relative POSIX path: size} of every file below `root` ({} when it does not exist). A key
-    that would leave the folder it is copied into (`..`, absolute) is refused: listed keys become
-    local paths."""
+    """{relative POSIX path: size} of every file below `root` ({} when it does not exist); a key that
+    would leave the folder it is copied into (`..`, absolute) is refused (`artifacts.check_relative`)."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     found = {i.path[len(root.rstrip("/")) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
     for rel in found:
-        check_relative(rel, f"{root}/{rel}")
+        check_relative(rel, f"{root}/{rel}")  # listed keys become local paths
     return found
-
-
-def check_relative(rel: str, where: str) -> str:
-    """`rel` if it is a relative path that stays inside its folder; StorageError otherwise."""
-    parts = rel.replace("\\", "/").split("/")
-    if not rel or rel.startswith("/") or ".." in parts or (parts[0].endswith(":") and len(parts[0]) == 2):
-        raise StorageError(f"{where}: the key {rel!r} would be written outside its folder (absolute or '..'); "
-                           "refusing to copy it")
-    return rel
 
 
 def download_dir(fs: pafs.FileSystem, src: str, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
