@@ -148,12 +148,14 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 
 
 def verify_checksum(directory: str | os.PathLike) -> None:
-    """Compare the weights file with loraflow.json's sha256 (no loraflow.json: PEFT-written, skip)."""
+    """Compare the weights file with loraflow.json's sha256 (no loraflow.json: PEFT-written, skip).
+    Always `adapter_model.safetensors`, the file that is loaded: loraflow.json's `weights_file` is
+    not followed (it could name `/dev/zero`, or a decoy whose hash matches)."""
     lineage_path = Path(directory) / LINEAGE_NAME
     if not lineage_path.is_file():
         return
     lineage = json.loads(lineage_path.read_text())
-    weights = Path(directory) / lineage.get("weights_file", WEIGHTS_NAME)
+    weights = Path(directory) / WEIGHTS_NAME
     actual = sha256_file(weights)
     if actual != lineage.get("weights_sha256"):
         raise AdapterLoadError(f"{weights}: sha256 {actual} does not match {lineage_path} "

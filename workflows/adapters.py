@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workflows import storage
-from workflows.artifacts import UserError
+from workflows.artifacts import UserError, check_relative
 from workflows.heads import pooling_of
 
 CONFIG_FILE = "adapter_config.json"
@@ -77,6 +77,13 @@ class AdapterFiles:
         """The `model.pooling` the adapter was trained with ("default" when loraflow.json has none)."""
         return pooling_of(json.loads(self.files.get(LINEAGE_FILE, b"{}")))
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """The class names a classifier adapter was trained on (its loraflow.json), else None."""
+        meta = json.loads(self.files.get(LINEAGE_FILE, b"{}"))
+        names = meta.get("label_names") or (meta.get("extra") or {}).get("label_names")
+        return list(names) if names else None
+
     def check_pooling(self, pooling: str, role: str) -> None:
         """The adapter goes onto a base whose head is fed with `pooling`: it must have been trained so."""
         if self.pooling != pooling:
@@ -88,6 +95,7 @@ class AdapterFiles:
         """Write the files into `directory` (created; existing files of the same names replaced)."""
         directory = Path(directory)
         for rel, data in self.files.items():
+            check_relative(rel, f"{self.ref}/{rel}")
             (directory / rel).parent.mkdir(parents=True, exist_ok=True)
             (directory / rel).write_bytes(data)
         return directory

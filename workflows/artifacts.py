@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -33,6 +34,36 @@ def cache_root() -> Path:
 def is_uri(location: str | Path) -> bool:
     """An object-store or other URL (`s3://bucket/key`), as opposed to a local path."""
     return "://" in str(location)
+
+
+_URI_CREDENTIALS = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
+
+
+def redact(value: Any) -> Any:
+    """`value` (a string, or JSON-like data holding strings) with the credentials of every URI in it
+    hidden: `https://user:token@host/x` becomes `https://***@host/x`. Whatever a run records (the
+    manifest, run.log, loraflow.json, registry lineage, MLflow params, error texts) passes here."""
+    if isinstance(value, str):
+        return _URI_CREDENTIALS.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+class UnsafePathError(ValueError):
+    """A relative path from outside (a store's listing, an adapter's file names) that would leave
+    the folder it is written into."""
+
+
+def check_relative(rel: str, where: str) -> str:
+    """`rel` if it is a relative path that stays inside its folder; UnsafePathError otherwise."""
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or rel.startswith("/") or ".." in parts or (parts[0].endswith(":") and len(parts[0]) == 2):
+        raise UnsafePathError(f"{where}: the key {rel!r} would be written outside its folder (absolute or '..'); "
+                              "refusing to copy it")
+    return rel
 
 
 # ----------------------------------------------------------------------------- hashes
@@ -123,8 +154,11 @@ def fsync_dir(directory: Path) -> None:
 def atomic_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on clean exit rename it to `final`.
 
-    On error the temp directory is removed and `final` is untouched. An existing `final` is an
-    error unless `replace` (then it is swapped out after the new one is complete).
+    Every file and folder in it is flushed to stable storage before the rename, and the parent
+    after it: after a power loss `final` holds complete files or does not exist (a truncated shard
+    under a `_SUCCESS` would be a cache hit for good). On error the temp directory is removed and
+    `final` is untouched. An existing `final` is an error unless `replace` (then it is swapped out
+    after the new one is complete).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -132,15 +166,18 @@ def atomic_dir(final: str | Path, replace: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)
         if final.exists():
             if not replace:
                 raise FileExistsError(f"{final} exists; refusing to overwrite it")
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
             os.rename(tmp, final)
+            fsync_dir(final.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
+            fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

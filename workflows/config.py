@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lora_core.config import LoraConfig
 from workflows.artifacts import UserError, is_uri
@@ -177,11 +186,36 @@ class GateSection(Section):
     guards: dict[str, float] = Field(default_factory=dict)
 
 
+REGISTRY_ENV = "LORAFLOW_REGISTRY"
+DEFAULT_REGISTRY_ROOT = "~/.cache/loraflow/registry"
+
+
 class RegistrySection(Section):
-    root: str = "~/.cache/loraflow/registry"
+    # Every command finds the registry by one rule (`registry_root`): a flag or --set, then
+    # $LORAFLOW_REGISTRY, then this key, then the default.
+    root: str = DEFAULT_REGISTRY_ROOT
     name: str = "adapter"
     alias: str = "champion"
     gate: GateSection = Field(default_factory=GateSection)
+    _root_from: str = PrivateAttr("registry.root")
+
+    @property
+    def root_from(self) -> str:
+        """Where `root` came from, for error messages (`--set registry.root`, `$LORAFLOW_REGISTRY`, ...)."""
+        return self._root_from
+
+
+def registry_root(flag: str | None = None, configured: str | None = None, flag_name: str = "--root",
+                  config_origin: str = "registry.root in the config") -> tuple[str, str]:
+    """The registry root of any command and where it came from: a flag (or --set), then
+    $LORAFLOW_REGISTRY, then the config's `registry.root`, then the default."""
+    if flag:
+        return flag, flag_name
+    if os.environ.get(REGISTRY_ENV):
+        return os.environ[REGISTRY_ENV], f"${REGISTRY_ENV}"
+    if configured:
+        return configured, config_origin
+    return DEFAULT_REGISTRY_ROOT, f"the default registry.root ({DEFAULT_REGISTRY_ROOT})"
 
 
 class MlflowSection(Section):
@@ -321,7 +355,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"config {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return config_from_dict(apply_overrides(raw, overrides), origin=str(path), source_path=str(path.resolve()))
+    merged = apply_overrides(raw, overrides)
+    origin = _resolve_registry_root(merged, overrides, path)
+    cfg = config_from_dict(merged, origin=str(path), source_path=str(path.resolve()))
+    cfg.registry._root_from = origin
+    return cfg
+
+
+def _resolve_registry_root(raw: dict[str, Any], overrides: list[str] | None, path: Path) -> str:
+    """Set `registry.root` in `raw` by `registry_root`'s rule; returns where it came from."""
+    section = raw.get("registry")
+    if section is not None and not isinstance(section, dict):
+        return f"registry.root in {path}"  # validation names the bad section
+    given = (section or {}).get("root")
+    from_set = "registry.root" in {item.split("=", 1)[0].strip() for item in overrides or []}
+    root, origin = registry_root(given if from_set else None, given, flag_name="--set registry.root",
+                                 config_origin=f"registry.root in {path}")
+    raw["registry"] = {**(section or {}), "root": root}
+    return origin
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "<dict>", source_path: str | None = None) -> PipelineConfig:

@@ -28,7 +28,7 @@ from typing import Any
 
 from workflows import __version__, tracking
 from workflows.adapters import AdapterFiles
-from workflows.artifacts import atomic_write_json, fingerprint, stage_output
+from workflows.artifacts import atomic_write_json, fingerprint, redact, stage_output
 from workflows.config import PipelineConfig, check_runs_dir
 from workflows.prepared import PreparedData
 from workflows.registry.references import ResolvedAdapter, champion_for, resolve_adapter
@@ -41,7 +41,8 @@ class Stage:
     name: str
     upstream: tuple[str, ...]  # stages whose outputs the body reads (and nothing else)
     sections: tuple[str, ...]  # config sections that feed the fingerprint
-    external: tuple[str, ...]  # outside inputs that feed the fingerprint: input_data, init_adapter, champion
+    # Outside inputs that feed the fingerprint: input_data, base_model, init_adapter, champion.
+    external: tuple[str, ...]
     needs_ray: bool
     body: Callable[[StageRun], dict[str, Any]]  # runs (or reuses) the stage; returns its JSON outputs
 
@@ -120,7 +121,8 @@ def _why_changed(name: str, components: dict[str, Any], previous: dict[str, Any]
     changed = sorted(k for k in set(components) | set(before) if components.get(k) != before.get(k))
     if not changed:
         return "output missing (deleted, or the last attempt did not finish)"
-    labels = {"input_data": "input data changed", "version": "loraflow version changed",
+    labels = {"input_data": "input data changed", "base_model": "base model changed",
+              "version": "loraflow version changed",
               "init_adapter": "warm-start adapter changed", "champion": "champion changed"}
     parts = [labels.get(k, f"{k.removeprefix('upstream:')} upstream changed" if k.startswith("upstream:")
                         else f"`{k}` section changed") for k in changed]
@@ -128,12 +130,15 @@ def _why_changed(name: str, components: dict[str, Any], previous: dict[str, Any]
 
 
 def plan(config: PipelineConfig, force_from: str | None = None,
-         input_digest: Callable[[PipelineConfig], str] | None = None) -> Plan:
+         input_digest: Callable[[PipelineConfig], str] | None = None,
+         base_token: Callable[[str, str | None], str] | None = None) -> Plan:
     """Fingerprint every stage and decide hit/miss without running anything (no Ray, no torch)."""
     if force_from is not None and force_from not in STAGE_NAMES:
         raise ValueError(f"--from {force_from!r}: choose one of {', '.join(STAGE_NAMES)}")
     if input_digest is None:
         from workflows.prepare.inputs import input_digest
+    if base_token is None:
+        from workflows.models import base_token
     layout = Layout.of(config)
     layout.store.check()
     previous = _read_state(layout)
@@ -148,7 +153,10 @@ def plan(config: PipelineConfig, force_from: str | None = None,
             if name == "input_data":
                 components[name] = input_digest(config)
                 continue
-            adapter = (resolve_adapter(config.train.init_adapter, config.registry.root)
+            if name == "base_model":  # the weights' content: a folder updated in place is a change
+                components[name] = base_token(config.model.name, config.model.revision)
+                continue
+            adapter = (resolve_adapter(config.train.init_adapter, config.registry.root, config.registry.root_from)
                        if name == "init_adapter" and config.train.init_adapter
                        else champion_for(config, fps["train"]) if name == "champion" else None)
             components[name] = adapter.token if adapter else None
@@ -198,13 +206,17 @@ class StageRun:
     stage: PlannedStage
     inputs: Mapping[str, dict[str, Any]]
     run_id: str
+    # Raises LockHeldError once the work directory's lease is lost: called right before each commit.
+    lease_held: Callable[[], None] = lambda: None
 
     @property
     def config(self) -> PipelineConfig:
         return self.plan.config
 
     def publish(self) -> None:
-        """Commit the freshly written stage directory to the work store (a no-op when local)."""
+        """Commit the freshly written stage directory to the work store (a no-op when local), if
+        this driver still holds the work directory."""
+        self.lease_held()
         self.plan.layout.store.publish(self.stage.name, self.stage.fingerprint)
 
 
@@ -213,7 +225,8 @@ def _prepare(run: StageRun) -> dict[str, Any]:
         from workflows.prepare.stage import run_prepare
 
         # Every node writes straight to the stage's place in the store, committed by run_prepare.
-        run_prepare(run.config, run.stage.uri)
+        run_prepare(run.config, run.stage.uri, planned_digest=run.stage.components["input_data"],
+                    before_commit=run.lease_held)
     # Remote: the shards are read straight from the store, by whichever node reads them.
     m = PreparedData.load(run.stage.uri).manifest
     return {"dir": run.stage.uri, "counts": m.get("counts", {}), "input_digest": m.get("input_digest"),
@@ -253,16 +266,8 @@ def _register(run: StageRun) -> dict[str, Any]:
     if run.stage.fresh:
         from workflows.registry.stage import register_and_gate
 
-        prep, init = run.inputs["prepare"], run.plan.adapters.get("init_adapter")
-        lineage = {
-            "parent_adapter": init.ref if init else None,
-            "run_id": run.run_id,
-            "input_digest": prep.get("input_digest"),
-            "prepared_manifest_digest": prep.get("rows_digest"),
-            "config": run.config.model_dump(mode="json"),
-            "loraflow_version": __version__,
-            "fingerprints": {s.name: s.fingerprint for s in run.plan.stages},
-        }
+        lineage = register_lineage(run)
+        run.lease_held()  # the registry commit below is not undone by a lost lease: check first
         with AdapterFiles.read(run.inputs["train"]["adapter"]).materialized() as adapter_dir:
             version, decision = register_and_gate(run.config, adapter_dir, run.inputs["evaluate"]["metrics"], lineage)
         with stage_output(run.stage.dir) as tmp:
@@ -275,13 +280,27 @@ def _register(run: StageRun) -> dict[str, Any]:
     return {"dir": run.stage.uri, **read_json(join(run.stage.uri, "register.json"))}
 
 
+def register_lineage(run: StageRun) -> dict[str, Any]:
+    """What the registry records about where a version came from; no credentials of any URI."""
+    prep, init = run.inputs["prepare"], run.plan.adapters.get("init_adapter")
+    return redact({
+        "parent_adapter": init.ref if init else None,
+        "run_id": run.run_id,
+        "input_digest": prep.get("input_digest"),
+        "prepared_manifest_digest": prep.get("rows_digest"),
+        "config": run.config.model_dump(mode="json"),
+        "loraflow_version": __version__,
+        "fingerprints": {s.name: s.fingerprint for s in run.plan.stages},
+    })
+
+
 # The graph. Order is a topological order.
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", upstream=(), sections=("model", "data"), external=("input_data",),
+    Stage("prepare", upstream=(), sections=("model", "data"), external=("input_data", "base_model"),
           needs_ray=True, body=_prepare),
-    Stage("train", upstream=("prepare",), sections=("model", "lora", "train"), external=("init_adapter",),
-          needs_ray=True, body=_train),
-    Stage("evaluate", upstream=("prepare", "train"), sections=("eval",), external=("champion",),
+    Stage("train", upstream=("prepare",), sections=("model", "lora", "train"),
+          external=("base_model", "init_adapter"), needs_ray=True, body=_train),
+    Stage("evaluate", upstream=("prepare", "train"), sections=("eval",), external=("base_model", "champion"),
           needs_ray=True, body=_evaluate),
     Stage("register", upstream=("prepare", "train", "evaluate"), sections=("registry",), external=(),
           needs_ray=False, body=_register),

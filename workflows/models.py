@@ -382,6 +382,14 @@ def base_identity(name: str, revision: str | None = None) -> dict[str, Any]:
     return {"name": name, "path": name, "revision": revision or _cached_hub_revision(name)}
 
 
+def base_token(name: str, revision: str | None = None) -> str:
+    """The base's identity in fingerprints (prepare, train, evaluate): its weights' content hash
+    (cached by path, size, mtime and inode) or pinned revision. Converts and downloads nothing."""
+    identity = ({"gguf_sha256": sha256_file_cached(_smollm2_gguf())} if name == "smollm2-135m"  # its folder's source
+                else {k: v for k, v in base_identity(name, revision).items() if k != "path"})
+    return f"{name}@{revision or ''}#{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
 def _cached_hub_revision(name: str) -> str | None:
     """The commit hash of the locally cached snapshot of an HF model id, if there is one."""
     try:

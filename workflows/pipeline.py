@@ -22,7 +22,7 @@ from typing import Any
 
 from workflows import __version__, tracking
 from workflows.adapters import AdapterFiles
-from workflows.artifacts import atomic_write_json, fingerprint
+from workflows.artifacts import atomic_write_json, fingerprint, redact
 from workflows.config import PipelineConfig
 from workflows.dag import STAGE, Layout, Plan, StageRun, plan, save_plan_state
 from workflows.lease import run_lease
@@ -143,7 +143,7 @@ def _run_stages(p: Plan, run_id: str, ray: RaySession, until: str | None, log: L
         if st.fresh and stage.needs_ray:
             ray.ensure()
         t0 = time.time()
-        run = StageRun(p, st, {u: outputs[u] for u in stage.upstream}, run_id)
+        run = StageRun(p, st, {u: outputs[u] for u in stage.upstream}, run_id, lease_held)
         replacing = p.layout.store.replacing(st.name, st.fingerprint) if st.status == "forced" \
             else contextlib.nullcontext()
         try:
@@ -191,10 +191,17 @@ def run_pipeline(config: PipelineConfig, force_from: str | None = None, until: s
             raise
         finally:
             manifest["finished"] = time.time()
-            manifest["report"] = str(write_report(run_dir, manifest))
-            atomic_write_json(run_dir / "manifest.json", manifest)
+            record_run(run_dir, manifest)
             _track(config, manifest, run_dir, log)
     return manifest
+
+
+def record_run(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write the run's report and manifest, every URI's credentials hidden (error texts included:
+    the manifest is redacted in place, so what the caller prints is too)."""
+    manifest.update(redact(manifest))
+    manifest["report"] = str(write_report(run_dir, manifest))
+    atomic_write_json(run_dir / "manifest.json", manifest)
 
 
 def _track(config: PipelineConfig, manifest: dict[str, Any], run_dir: Path, log: Log) -> None:
@@ -205,8 +212,8 @@ def _track(config: PipelineConfig, manifest: dict[str, Any], run_dir: Path, log:
     except Exception as e:
         if "error" not in manifest:
             raise
-        log(f"warning: tracking this failed run failed too: {e}")
-    atomic_write_json(run_dir / "manifest.json", manifest)
+        log(redact(f"warning: tracking this failed run failed too: {e}"))
+    atomic_write_json(run_dir / "manifest.json", redact(manifest))
 
 
 def evaluate_adapter(config: PipelineConfig, adapter: str, log: Log | None = None,
@@ -216,7 +223,7 @@ def evaluate_adapter(config: PipelineConfig, adapter: str, log: Log | None = Non
     `run_id` names the run whose manifest and log the prepare part writes."""
     from workflows.evaluate.stage import run_evaluate
 
-    resolved = resolve_adapter(adapter, config.registry.root)
+    resolved = resolve_adapter(adapter, config.registry.root, config.registry.root_from)
     with ray_session(config, log or _stderr, start=True):  # one session for prepare and evaluate
         manifest = run_pipeline(config, until="prepare", log=log, run_id=run_id)
         prepared = PreparedData.load(manifest["stages"]["prepare"]["outputs"]["dir"])

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from workflows.artifacts import (
     atomic_write_json,
     atomic_write_text,
     cache_root,
+    check_relative,
     is_complete,
     is_uri,
     stage_output,
@@ -148,9 +149,13 @@ def download_file(fs: pafs.FileSystem, src: str, dst: Path) -> None:
 
 
 def list_files(fs: pafs.FileSystem, root: str) -> dict[str, int]:
-    """{relative POSIX path: size} of every file below `root` ({} when it does not exist)."""
+    """{relative POSIX path: size} of every file below `root` ({} when it does not exist); a key that
+    would leave the folder it is copied into (`..`, absolute) is refused (`artifacts.check_relative`)."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return {i.path[len(root.rstrip("/")) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    found = {i.path[len(root.rstrip("/")) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    for rel in found:
+        check_relative(rel, f"{root}/{rel}")  # listed keys become local paths
+    return found
 
 
 def download_dir(fs: pafs.FileSystem, src: str, dst: Path, skip: tuple[str, ...] = ()) -> list[str]:
@@ -365,22 +370,26 @@ def move_dir(src: str | Path, dst: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def committed_dir(location: str | Path) -> Iterator[str]:
+def committed_dir(location: str | Path, before_commit: Callable[[], None] | None = None) -> Iterator[str]:
     """Yield where a stage writes its files, from any node; commit them on a clean exit.
 
     Local: a temp folder beside `location`, renamed into place after `_SUCCESS` is written in it
     (`artifacts.stage_output`). Object store: the prefix itself, cleared of what an unfinished
     attempt left; `_SUCCESS` (with a fresh id) is uploaded last, and that upload is the commit. On
-    error nothing is committed. A complete `location` is never overwritten.
+    error nothing is committed; `before_commit` (the run lease's check) may raise one right before
+    the commit. A complete `location` is never overwritten.
     """
+    before_commit = before_commit or (lambda: None)
     if not is_uri(location):
         with stage_output(location) as tmp:
             yield str(tmp)
+            before_commit()
         return
     fs, root = resolve(location)
     if fs.get_file_info(f"{root}/{SUCCESS}").type == pafs.FileType.File:
         raise FileExistsError(f"{location} is already complete; refusing to overwrite it")
     fs.delete_dir_contents(root, missing_dir_ok=True)
     yield str(location).rstrip("/")
+    before_commit()
     with fs.open_output_stream(f"{root}/{SUCCESS}") as f:
         f.write(json.dumps({"published": uuid.uuid4().hex}).encode())

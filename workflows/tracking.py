@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows.adapters import AdapterFiles
+from workflows.artifacts import redact
 from workflows.config import ConfigError, PipelineConfig
 from workflows.registry.sqlite import Registry
 from workflows.storage import read_text
@@ -162,6 +163,7 @@ class _Mlflow:
         mlflow = _import_mlflow(config)
         section = config.tracking.mlflow
         self.uri = (section.tracking_uri if section else None) or os.environ.get(ENV_URI) or mlflow.get_tracking_uri()
+        self.shown_uri = redact(self.uri)  # what messages and records say: no credentials
         self.experiment = section.experiment if section else "loraflow"
         self.model = (section.registered_model if section else None) or config.registry.name
         self.errors = (mlflow.exceptions.MlflowException, OSError)
@@ -172,7 +174,7 @@ class _Mlflow:
         try:
             return fn(*args, **kwargs)
         except self.errors as e:
-            raise TrackingError(f"MLflow at {self.uri}: {e}") from e
+            raise TrackingError(redact(f"MLflow at {self.uri}: {e}")) from e
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
@@ -184,7 +186,7 @@ class _Mlflow:
                     raise
                 exp = self.client.get_experiment_by_name(self.experiment)
         if exp.lifecycle_stage != "active":
-            raise TrackingError(f"MLflow experiment {self.experiment!r} at {self.uri} is deleted: restore it "
+            raise TrackingError(f"MLflow experiment {self.experiment!r} at {self.shown_uri} is deleted: restore it "
                                 "or set tracking.mlflow.experiment to another name")
         return exp.experiment_id
 
@@ -226,7 +228,7 @@ def _flat(prefix: str, value: Any) -> Iterator[tuple[str, Any]]:
 def config_params(config: PipelineConfig) -> dict[str, str]:
     """The resolved config as MLflow params: dotted keys, JSON-ish values, None left out."""
     params = {}
-    for key, value in _flat("", config.model_dump(mode="json")):
+    for key, value in _flat("", redact(config.model_dump(mode="json"))):
         text = value if isinstance(value, str) else json.dumps(value)
         params[_BAD_KEY.sub("_", key)[:250]] = text[:_PARAM_MAX]
     return params
@@ -276,7 +278,7 @@ def log_mlflow(config: PipelineConfig, manifest: dict[str, Any], run_dir: Path) 
     run_id = ml.call(ml.run_for, manifest["run_id"])
     _log_scalars(ml, run_id, config, manifest)
     _log_files(ml, run_id, manifest, Path(run_dir))
-    out: dict[str, Any] = {"tracking_uri": ml.uri, "experiment_id": ml.experiment_id, "run_id": run_id}
+    out: dict[str, Any] = {"tracking_uri": ml.shown_uri, "experiment_id": ml.experiment_id, "run_id": run_id}
     reg = manifest.get("stages", {}).get("register", {}).get("outputs", {})
     registry = Registry.existing(config.registry.root) if reg.get("version") else None
     if registry is not None:  # idempotent: repairs a mirror an earlier failure or crash left undone

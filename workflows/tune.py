@@ -16,6 +16,7 @@ and on an object store the committed train output is published there (`workflows
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from workflows import storage
 from workflows.adapters import AdapterFiles
 from workflows.config import PipelineConfig, apply_overrides, config_from_dict
 from workflows.dag import Layout, Plan, plan
-from workflows.pipeline import ray_session, run_pipeline
+from workflows.lease import run_lease
+from workflows.pipeline import new_run_id, ray_session, run_pipeline
 from workflows.prepared import PreparedData
 from workflows.train.stage import build_trainer, commit_run
 
@@ -144,14 +146,25 @@ def _tune_storage(storage_path: str) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-def commit_best_trial(p: Plan, run_dir: str) -> None:
+def commit_best_trial(p: Plan, run_dir: str, lease_held: Callable[[], None] = lambda: None) -> None:
     """Commit a finished trial's Ray Train run (`run_dir`) as plan `p`'s train stage output, the way
     the train stage body does: into the local stage directory, then published to the work
-    directory's store (for a local work directory that directory is the output; publish does nothing)."""
+    directory's store (for a local work directory that directory is the output; publish does nothing)
+    if `lease_held` (the run lease's check) does not raise."""
     st, store = p["train"], p.layout.store
     store.clear_staging(st.name, st.fingerprint)
     commit_run(st.dir, run_dir)
+    lease_held()
     store.publish(st.name, st.fingerprint)
+
+
+def commit_best_trial_leased(config: PipelineConfig, run_dir: str, run_id: str) -> None:
+    """`commit_best_trial` for the best config, under the work directory's lease (planned under it:
+    another driver may have committed the stage meanwhile), like any stage commit."""
+    with run_lease(Layout.of(config).store, run_id, wait=True) as lease_held:
+        best_plan = plan(config)
+        if best_plan["train"].status != "hit":
+            commit_best_trial(best_plan, run_dir, lease_held)
 
 
 def tune_then_run(config: PipelineConfig, log=print, run_id: str | None = None) -> dict[str, Any]:
@@ -164,9 +177,7 @@ def tune_then_run(config: PipelineConfig, log=print, run_id: str | None = None) 
         outcome = run_tune(config, p["prepare"].uri, sweep_storage(p.layout),
                            name=f"tune-{p['prepare'].fingerprint}", init_adapter=init.files() if init else None)
         best_config = config_with(config, outcome.best_params)
-        best_plan = plan(best_config)
-        if best_plan["train"].status != "hit":
-            commit_best_trial(best_plan, outcome.best_run_dir)
+        commit_best_trial_leased(best_config, outcome.best_run_dir, run_id or new_run_id())
         manifest = run_pipeline(best_config, log=log, run_id=run_id)
     manifest["tune"] = {"best_params": outcome.best_params, "best_metric": outcome.best_metric,
                         "trials": outcome.trials}

@@ -315,3 +315,13 @@ def test_local_scripts_start_a_head_and_worker_and_stop_exactly_them(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_every_scheduled_or_one_shot_run_has_a_deadline():
+    deadlines = {}
+    for name, doc in MANIFESTS:
+        if doc["kind"] in ("RayJob", "RayCronJob", "CronJob"):
+            spec = {"RayJob": lambda d: d["spec"], "RayCronJob": lambda d: d["spec"]["jobTemplate"],
+                    "CronJob": lambda d: d["spec"]["jobTemplate"]["spec"]}[doc["kind"]](doc)
+            deadlines[name] = spec.get("activeDeadlineSeconds")
+    assert deadlines and all(isinstance(s, int) and s > 0 for s in deadlines.values()), deadlines

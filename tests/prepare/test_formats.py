@@ -149,3 +149,42 @@ def test_pack_table_masks_each_examples_first_label():
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert all(row["labels"][i] == IGNORE_INDEX for i in starts)
         assert sum(lab != IGNORE_INDEX for lab in row["labels"]) == len(row["input_ids"]) - len(starts)
+
+
+def test_label_vocabulary_takes_superscript_digits_as_names_and_breaks_integer_ties_by_text():
+    assert label_vocabulary({"²": 1, "1": 1, "01": 1, "-3": 1}) == ["-3", "01", "1", "²"]
+    assert label_vocabulary({"01": 1, "1": 1}) == label_vocabulary({"1": 1, "01": 1})
+
+
+class CountingTemplate:
+    """The tokenizer, counting (and bounding) the chat-template renders."""
+
+    def __init__(self, tok, limit: int):
+        self._tok, self.limit, self.renders = tok, limit, 0
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        self.renders += 1
+        assert self.renders <= self.limit, "rendered the prefixes of turns that cannot reach the model"
+        return self._tok.apply_chat_template(*args, **kwargs)
+
+
+def test_a_chat_row_of_thousands_of_turns_renders_only_the_turns_within_max_seq_len(tok):
+    turns = [{"role": r, "content": f"turn {i}"} for i in range(2500) for r in ("user", "assistant")]
+    counting = CountingTemplate(tok, limit=2 * 128 + 2)  # at most 128 turns within 128 tokens
+    (enc,) = ExampleEncoder(counting, "chat", 128).encode_causal([canonical_example({"messages": turns}, "chat", {})])
+    assert enc.truncated and len(enc.input_ids) == 128
+    assert "turn 0" in trained_text(tok, enc)
+
+
+def test_a_chat_row_too_long_to_fit_is_rejected_without_rendering_when_truncation_is_off(tok):
+    turns = [{"role": r, "content": "x"} for _ in range(500) for r in ("user", "assistant")]
+    counting = CountingTemplate(tok, limit=0)
+    (enc,) = ExampleEncoder(counting, "chat", 32, truncate=False).encode_causal(
+        [canonical_example({"messages": turns}, "chat", {})])
+    assert isinstance(enc, RowError) and enc.reason == "too_long"

@@ -313,3 +313,22 @@ def test_max_rows_reads_the_first_rows_of_the_source_and_of_the_eval_source(ray_
                       max_seq_len=1024, eval_source=str(example_data / "gsm8k" / "test.jsonl.gz"))
     counts = run_prepare(cfg, tmp_path / "prepared").manifest["counts"]
     assert counts["rows_read"] == 60 and counts["train_rows"] == 30 and counts["eval_rows"] == 30, counts
+
+
+def test_data_that_changes_while_prepare_reads_it_fails_the_stage_and_commits_nothing(tmp_path, monkeypatch):
+    from workflows.prepare import stage
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    cfg = make_config(data, "text", model="tiny-llama")
+    planned = input_digest(cfg)
+
+    def read_while_the_data_changes(*args):
+        data.write_text('{"text": "a"}\n{"text": "written during the read"}\n')
+        return []
+
+    monkeypatch.setattr(stage, "_encode_and_stage", read_while_the_data_changes)
+    out = tmp_path / "prepared"
+    with pytest.raises(PrepareError, match="changed while prepare read it"):
+        run_prepare(cfg, str(out), planned_digest=planned)
+    assert not (out / "_SUCCESS").exists()

@@ -37,7 +37,7 @@ from workflows.cli.commands import (
 )
 from workflows.ops.submission import COMMANDS, DEFAULT_SHIP_LIMIT_BYTES
 
-DEFAULT_REGISTRY = os.environ.get("LORAFLOW_REGISTRY", "~/.cache/loraflow/registry")
+ROOT_HELP = "registry root (default: $LORAFLOW_REGISTRY, else ~/.cache/loraflow/registry)"
 
 EPILOG = textwrap.dedent("""\
     examples:
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
             "loraflow registry promote demo:2 --alias champion")
     p.add_argument("action", choices=["list", "show", "promote", "rollback", "export", "delete"])
     p.add_argument("ref", nargs="?", help="name (list, rollback), name:version or name@alias")
-    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (registry.root)")
+    p.add_argument("--root", help=ROOT_HELP)
     p.add_argument("--name", help="list: only this name")
     p.add_argument("--metric", default="loss", help="list: the metric column to show")
     p.add_argument("--alias", default="champion")
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--adapter", help="adapter folder or registry reference (name@alias, name:3)")
-    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (default $LORAFLOW_REGISTRY or ~/.cache/loraflow/registry)")
+    p.add_argument("--root", help=ROOT_HELP)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--adapter", required=True, help="adapter folder or registry reference")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
-    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (default $LORAFLOW_REGISTRY or ~/.cache/loraflow/registry)")
+    p.add_argument("--root", help=ROOT_HELP)
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
     p = add("submit", "submit a loraflow command (`run CONFIG` by default) to a Ray cluster as a Ray Job",

@@ -19,7 +19,7 @@ from typing import Any
 from workflows.artifacts import LockHeldError, is_uri
 from workflows.cli.console import captured
 from workflows.cli.starter import STARTER_CONFIG
-from workflows.config import ConfigError, PipelineConfig, load_config
+from workflows.config import ConfigError, PipelineConfig, load_config, registry_root
 from workflows.dag import plan
 from workflows.ops.jobs import TERMINAL, JobsError, job_logs, job_status, stop_job, submit
 from workflows.ops.submission import UnreachableInputError
@@ -159,7 +159,9 @@ def _run_console(args, cfg: PipelineConfig) -> Iterator[str]:
             yield run_id
         kept = (run_dir / "manifest.json").exists()
     except LockHeldError:
-        kept = False  # another run holds the work directory: this one never started
+        # Another run held the work directory from the start (no manifest: this run never started),
+        # or took it over mid-run: then the records of what ran (manifest, report, run.log) stay.
+        kept = (run_dir / "manifest.json").exists()
         raise
     finally:
         if not kept:  # no run (retrain found no change, the lease was held): no run directory
@@ -233,7 +235,7 @@ def cmd_tune(args) -> int:
 # --- registry, generate, predict ------------------------------------------------------------------
 
 def cmd_registry(args) -> int:
-    reg = Registry(args.root)
+    reg = Registry(registry_root(args.root)[0])
     action = args.action
     if action != "list" and not args.ref:
         print(f"loraflow registry {action}: a reference is required (name, name:version or name@alias)",
@@ -274,12 +276,12 @@ def cmd_registry(args) -> int:
 
 
 @contextlib.contextmanager
-def _adapter_dir(spec: str | None, root: str) -> Iterator[Path | None]:
+def _adapter_dir(spec: str | None, root: str | None) -> Iterator[Path | None]:
     """A local folder holding the adapter `spec` (a folder, a URI or a registry reference)."""
     if spec is None:
         yield None
         return
-    resolved = resolve_adapter(spec, root)
+    resolved = resolve_adapter(spec, *registry_root(root))
     if not is_uri(resolved.location):
         yield Path(resolved.location)
         return

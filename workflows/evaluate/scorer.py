@@ -54,6 +54,7 @@ class ScorerSpec:
     adapters: dict[str, AdapterFiles]
     score_base: bool = True
     dtype: str = "float32"
+    revision: str | None = None  # model.revision: the base the adapters were trained on
     pooling: str = "default"  # model.pooling: every adapter scored here was trained with it
     num_labels: int | None = None
     threads: int | None = None
@@ -88,6 +89,7 @@ class EvalScorer:
         self.resources = ray.get_runtime_context().get_assigned_resources()
         self.device = torch.device("cuda" if spec.gpus and torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer = load_base(spec.model_name, task=spec.task, num_labels=spec.num_labels,
+                                               revision=spec.revision,
                                                dtype=spec.dtype, device=str(self.device), pooling=spec.pooling)
         self.base_loads = 1
         self.collate = collator_for(spec.manifest, "eval")

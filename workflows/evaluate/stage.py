@@ -85,13 +85,28 @@ def _spec(config: PipelineConfig, prepared: PreparedData, new: AdapterFiles, cha
     labels = prepared.manifest.get("label_names")
     if champion is not None:  # scored on the same base as the new adapter
         champion.check_pooling(config.model.pooling, "champion")
-    return ScorerSpec(model_name=config.model.name, task=prepared.task, manifest=prepared.manifest,
+    return ScorerSpec(model_name=config.model.name, task=prepared.task, revision=config.model.revision,
+                      manifest=prepared.manifest,
                       adapters=adapters, score_base=config.eval.compare_base, dtype=config.model.dtype,
                       pooling=config.model.pooling, num_labels=len(labels) if labels else None,
                       threads=default_threads(config.eval.actors),
                       generate_ids=generate_ids, max_new_tokens=gen.max_new_tokens,
                       generation_batch_size=gen.batch_size, match=gen.match, batch_size=config.eval.batch_size,
                       gpus=gpus_per_actor(config))
+
+
+def champion_not_comparable(champion: AdapterFiles | None, labels: list[str] | None) -> str | None:
+    """Why a classifier champion cannot be scored on rows labelled with `labels` (None: it can).
+    Its head predicts its own classes: scored against other label ids its numbers mean nothing."""
+    if champion is None or labels is None or champion.label_names == list(labels):
+        return None
+    theirs = champion.label_names
+    return (f"not comparable: the champion {champion.ref} was trained on "
+            f"{_shown(theirs) if theirs else 'labels it did not record'}, these eval rows use {_shown(list(labels))}")
+
+
+def _shown(names: list[str]) -> str:
+    return f"{len(names)} labels {names[:5]}{' ...' if len(names) > 5 else ''}"
 
 
 def gpus_per_actor(config: PipelineConfig) -> float:
@@ -230,12 +245,15 @@ def run_evaluate(config: PipelineConfig, prepared: PreparedData, new: AdapterFil
     if not ids_in:
         raise PreparedDataError(f"{prepared.root}: the eval split has no rows (read, rejected and capped as its "
                                 "manifest's counts say): check data.eval_source, data.eval_fraction and data.max_rows")
-    spec = _spec(config, prepared, new, champion, ids_in)
+    not_comparable = champion_not_comparable(champion, prepared.manifest.get("label_names"))
+    spec = _spec(config, prepared, new, None if not_comparable else champion, ids_in)
     out_dir = Path(out_dir)
     with stage_output(out_dir) as tmp:
         score_dataset(files, spec, config.eval.actors, len(ids_in), tmp / "per_example",
                       driver_writes=is_uri(config.cluster.work_dir))
         table = pq.read_table(tmp / "per_example")
         metrics = build_metrics(config, prepared, table, ids_in, spec)
+        if not_comparable:  # the gate records it; the champion was not scored
+            metrics.update(champion_ref=champion.ref, champion_not_comparable=not_comparable)
         atomic_write_json(tmp / "metrics.json", metrics)
     return EvalResult(out_dir, metrics, sorted((out_dir / "per_example").glob("part-*.parquet")))

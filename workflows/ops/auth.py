@@ -4,14 +4,21 @@ A cluster started with `RAY_AUTH_MODE=token` rejects requests without its token.
 the token the way Ray does (`RAY_AUTH_TOKEN`, the file named by `RAY_AUTH_TOKEN_PATH`,
 `~/.ray/auth_token`) and sends it whenever it finds one, unless `RAY_AUTH_MODE=disabled`, so a first
 submit works without exporting anything; when the cluster still refuses, the error says where the
-token comes from.
+token comes from. The token goes only over https or to this machine (loopback, e.g. a
+`kubectl port-forward`): never in clear text across a network, and never along a redirect to
+another host (`open_url`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 
 class AuthError(RuntimeError):
@@ -28,12 +35,31 @@ def auth_token(env: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
-def auth_headers(env: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """HTTP headers for the job server: the bearer token unless RAY_AUTH_MODE=disabled."""
+def safe_for_token(address: str) -> bool:
+    """Whether a token may go to `address`: over https, or to this machine (loopback)."""
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if parts.scheme in ("https", "wss"):
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def auth_headers(env: Mapping[str, str] = os.environ, address: str | None = None) -> dict[str, str]:
+    """HTTP headers for the job server at `address`: the bearer token unless RAY_AUTH_MODE=disabled,
+    or `address` is plain http to another machine (then nothing, or AuthError when the mode is token)."""
     mode = env.get("RAY_AUTH_MODE", "").strip().lower()
     if mode == "disabled":
         return {}
     token = auth_token(env)
+    if token and address is not None and not safe_for_token(address):
+        if mode == "token":
+            raise AuthError(withheld_message(address))
+        return {}
     if token:
         return {"Authorization": f"Bearer {token}"}
     if mode == "token":
@@ -44,7 +70,33 @@ def auth_headers(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {}
 
 
+def withheld_message(address: str) -> str:
+    return (f"the Ray auth token is not sent to {address}: plain http to another machine would show it to the "
+            "network. Put TLS in front of the dashboard (https://...), or tunnel to it and use a loopback "
+            "address (`kubectl port-forward svc/<head> 8265`, `ray dashboard`, `ssh -L 8265:localhost:8265`).")
+
+
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same scheme, host and port: urllib would carry the
+    Authorization header to wherever the server points."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        old, new = urlsplit(req.full_url), urlsplit(newurl)
+        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            raise urllib.error.HTTPError(req.full_url, code, f"refused a redirect from {old.netloc} to another "
+                                         f"host ({new.scheme}://{new.netloc}): the request carries the auth token",
+                                         headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def open_url(request: urllib.request.Request, timeout: float) -> Any:
+    """`urllib.request.urlopen` that refuses redirects to another host."""
+    return urllib.request.build_opener(_SameHostRedirects).open(request, timeout=timeout)
+
+
 def auth_failure_message(address: str, error: Exception) -> str:
+    if auth_token() is not None and not safe_for_token(address):
+        return withheld_message(address)
     sent = auth_token() is not None and os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled"
     problem = ("rejected the token this client sent (it is not the cluster's token)" if sent
                else "requires token authentication and this client has no token")

@@ -30,7 +30,7 @@ from typing import TextIO
 
 import psutil
 
-from workflows.ops.auth import AuthError, auth_failure_message, auth_headers
+from workflows.ops.auth import AuthError, auth_failure_message, auth_headers, open_url
 from workflows.ops.submission import (
     DEFAULT_SHIP_LIMIT_BYTES,
     plan_submission,
@@ -92,7 +92,7 @@ def connect(address: str):
     from ray.job_submission import JobSubmissionClient
 
     with _job_errors(address):
-        return JobSubmissionClient(address, headers=auth_headers())
+        return JobSubmissionClient(address, headers=auth_headers(address=address))
 
 
 def cluster_on_this_machine(address: str) -> bool:
@@ -102,13 +102,13 @@ def cluster_on_this_machine(address: str) -> bool:
     `kubectl port-forward` or `ray dashboard` is http://127.0.0.1:8265 too.
     """
     with _job_errors(address):
-        headers = auth_headers()
+        headers = auth_headers(address=address)
     request = urllib.request.Request(f"{address.rstrip('/')}/nodes?view=summary", headers=headers)
     try:
         # A dashboard that just started fills its node table asynchronously: ask again for a while.
         deadline = time.monotonic() + 15
         while True:
-            with urllib.request.urlopen(request, timeout=10) as r:
+            with open_url(request, timeout=10) as r:
                 nodes = json.load(r)["data"]["summary"]
             alive = [n for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"]
             if alive or time.monotonic() > deadline:
@@ -117,7 +117,7 @@ def cluster_on_this_machine(address: str) -> bool:
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise JobsError(auth_failure_message(address, e)) from None
-        raise JobsError(f"the Ray dashboard at {address} answered {e.code} to a node query") from None
+        raise JobsError(f"the Ray dashboard at {address} answered {e.code} to a node query ({e.msg})") from None
     except (OSError, ValueError, KeyError) as e:
         raise JobsError(f"cannot reach a Ray job server at {address} ({e}). Is the head running, and is this "
                         "its dashboard address (http://HOST:8265 by default)?") from None
@@ -138,19 +138,47 @@ async def _print_log_stream(client, job_id: str, out: TextIO) -> None:
 
 
 def wait_for_job(client, job_id: str, *, follow_logs: bool = True, out: TextIO | None = None,
-                 poll_s: float = 0.5, timeout: float | None = None) -> JobOutcome:
-    """Block until the job is terminal (printing its logs as they come when `follow_logs`)."""
-    if follow_logs:
-        try:
-            asyncio.run(_print_log_stream(client, job_id, out or sys.stdout))
-        except RuntimeError as e:  # the log stream broke off; the job's state is still authoritative
-            print(f"(log stream ended early: {e}; waiting for the job)", file=out or sys.stdout)
+                 poll_s: float = 0.5, timeout: float | None = None, drain_s: float = 5.0) -> JobOutcome:
+    """Block until the job is terminal (printing its logs as they come when `follow_logs`), or raise
+    TimeoutError once `timeout` seconds have passed. The job's status is polled beside the log stream:
+    a stream that goes silent without closing (a dropped connection) cannot hold the wait, and once
+    the job has ended the stream gets `drain_s` seconds to deliver its last lines."""
+    out = out or sys.stdout
     deadline = None if timeout is None else time.monotonic() + timeout
+    if follow_logs:
+        return asyncio.run(_follow(client, job_id, out, poll_s, deadline, drain_s))
     while (outcome := _outcome(client, job_id)).status not in TERMINAL:
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"job {job_id} still {outcome.status} after {timeout:.0f}s")
+        _check_deadline(job_id, outcome, deadline)
         time.sleep(poll_s)
     return outcome
+
+
+async def _follow(client, job_id: str, out: TextIO, poll_s: float, deadline: float | None,
+                  drain_s: float) -> JobOutcome:
+    stream = asyncio.ensure_future(_print_log_stream(client, job_id, out))
+    try:
+        while True:
+            outcome = await asyncio.to_thread(_outcome, client, job_id)
+            if outcome.status in TERMINAL:
+                await asyncio.wait({stream}, timeout=drain_s)
+                return outcome
+            _check_deadline(job_id, outcome, deadline)
+            if not stream.done():
+                await asyncio.wait({stream}, timeout=poll_s)
+                if stream.done() and stream.exception() is not None:  # broken off: the status decides
+                    print(f"(log stream ended early: {stream.exception()}; waiting for the job)", file=out)
+            else:
+                await asyncio.sleep(poll_s)
+    finally:
+        stream.cancel()
+        with contextlib.suppress(BaseException):
+            await stream
+
+
+def _check_deadline(job_id: str, outcome: JobOutcome, deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError(f"job {job_id} still {outcome.status} when the wait's deadline passed; it keeps "
+                           "running (`loraflow jobs status|logs|stop`)")
 
 
 def submit_entrypoint(entrypoint: str, address: str, runtime_env: dict | None = None, wait: bool = True, *,
@@ -204,8 +232,8 @@ def job_logs(job_id: str, address: str, *, follow: bool = False, out: TextIO | N
     """The job's logs so far; with `follow`, stream them to `out` until the job ends."""
     client = connect(address)
     with _job_errors(address), _unknown_job(job_id, address):
-        if follow:
-            asyncio.run(_print_log_stream(client, job_id, out or sys.stdout))
+        if follow:  # until the job ends, even if the stream goes silent without closing
+            asyncio.run(_follow(client, job_id, out or sys.stdout, 0.5, None, 5.0))
             return ""
         return client.get_job_logs(job_id)
 

@@ -14,7 +14,10 @@ killing exactly the processes that descend from it:
   the same way, before the head.
 
 Used by the job tests, and by `cluster/local/` through `python -m workflows.ops.local_cluster`, which
-records the processes in a state file so a later `stop` (another process) kills exactly them.
+records the processes in a state file so a later `stop` (another process) kills exactly them. That
+file names processes to kill and a folder to delete: it lives in a folder of the user's own
+(`default_state_path`), and is acted on only when it is this user's regular file that nobody else
+can write (`read_state`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -38,7 +42,8 @@ from pathlib import Path
 
 import psutil
 
-from workflows.ops.auth import auth_headers, auth_token
+from workflows.artifacts import atomic_write_text
+from workflows.ops.auth import auth_headers, auth_token, open_url
 
 AUTH_MODES = ("disabled", "token")
 
@@ -199,8 +204,8 @@ class PrivateHead:
 
 
 def _get_json(url: str, env: dict[str, str]) -> dict:
-    req = urllib.request.Request(url, headers=auth_headers(env))
-    with urllib.request.urlopen(req, timeout=5) as r:
+    req = urllib.request.Request(url, headers=auth_headers(env, address=url))
+    with open_url(req, timeout=5) as r:
         return json.load(r)
 
 
@@ -276,11 +281,45 @@ def private_head(num_cpus: int = 2, **kwargs) -> Iterator[PrivateHead]:
 
 # ---- `python -m workflows.ops.local_cluster start|stop|status` (used by cluster/local/*.sh) ----
 
+class StateFileError(RuntimeError):
+    """A state file that is not safely this user's: acting on it could kill another user's pick."""
+
+
+def default_state_path() -> Path:
+    """`$XDG_STATE_HOME/loraflow/local-cluster.json` (default `~/.local/state/...`): not a shared
+    folder such as /tmp, where another user could plant a file first."""
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "loraflow" / "local-cluster.json"
+
+
+def read_state(path: Path) -> PrivateHead | None:
+    """The cluster recorded at `path` (None: no file), after checking that the file is a regular file
+    of this user's that no other user can write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file (a link?)"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}, not to you (uid {os.getuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"can be written by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return PrivateHead.from_state(json.loads(path.read_text()))
+    raise StateFileError(f"{path} {problem}: it names processes to kill and a folder to delete, so it is not "
+                         "used; remove it, or pass --state FILE in a folder of your own")
+
+
+def write_state(path: Path, head: PrivateHead) -> None:
+    """Record `head` in `path`, readable and writable by this user only (its folder created 0700)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write_text(path, json.dumps(head.to_state(), indent=2))  # a mkstemp file: mode 0600
+
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows.ops.local_cluster",
                                      description="A private local Ray cluster, stopped without `ray stop`.")
     parser.add_argument("action", choices=["start", "stop", "status"])
-    parser.add_argument("--state", default=os.environ.get("LORAFLOW_LOCAL_STATE", "/tmp/loraflow-local.json"),
+    parser.add_argument("--state", default=os.environ.get("LORAFLOW_LOCAL_STATE") or default_state_path(),
                         help="where `start` records the processes that `stop` kills (default: %(default)s)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="logical CPUs of the head")
     parser.add_argument("--workers", type=int, default=0, help="extra worker nodes on this machine")
@@ -290,9 +329,14 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auth-mode", choices=AUTH_MODES, default=os.environ.get("RAY_AUTH_MODE", "token"))
     args = parser.parse_args(argv)
     state_path = Path(args.state)
+    try:
+        recorded = read_state(state_path)
+    except StateFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
     if args.action == "start":
-        if state_path.exists() and PrivateHead.from_state(json.loads(state_path.read_text())).head.alive():
+        if recorded is not None and recorded.head.alive():
             print(f"a cluster recorded in {state_path} is still running; stop it first", file=sys.stderr)
             return 1
         head = start_head(args.num_cpus, auth_mode=args.auth_mode, dashboard_host=args.dashboard_host)
@@ -302,17 +346,17 @@ def _main(argv: list[str] | None = None) -> int:
         except BaseException:
             head.stop()
             raise
-        state_path.write_text(json.dumps(head.to_state(), indent=2))
+        write_state(state_path, head)
         print(f"Ray head up: dashboard and job API {head.dashboard_url}, GCS {head.gcs_address}, "
               f"{len(head.workers)} extra worker node(s), RAY_AUTH_MODE={head.auth_mode}")
         print(f"logs: {head.temp_dir}   state: {state_path}")
         print(f"submit: loraflow submit configs/demo.yaml --address {head.dashboard_url}")
         return 0
 
-    if not state_path.exists():
+    if recorded is None:
         print(f"no cluster recorded in {state_path}", file=sys.stderr)
         return 1 if args.action == "status" else 0
-    head = PrivateHead.from_state(json.loads(state_path.read_text()))
+    head = recorded
     if args.action == "status":
         print(json.dumps({**head.to_state(), "alive_processes": len(head.processes())}, indent=2))
         return 0 if head.head.alive() else 1

@@ -58,9 +58,9 @@ class EncodeExamples:
     ships it through pickling and breaks remote-code tokenizers).
     """
 
-    def __init__(self, model_name: str, data: DataSection, task: str):
+    def __init__(self, model_name: str, data: DataSection, task: str, revision: str | None = None):
         self.data, self.task = data, task
-        self.tokenizer = load_tokenizer(model_name)
+        self.tokenizer = load_tokenizer(model_name, revision=revision)  # the tokenizer train checks against
         self.encoder = ExampleEncoder(self.tokenizer, data.format, data.max_seq_len, data.template,
                                       data.truncate, data.train_on_inputs)
         self.schema = encoded_schema(task)

@@ -35,6 +35,9 @@ ROLES = ("system", "user", "assistant")
 # Default column names per format role; `data.fields` overrides any of them.
 DEFAULT_FIELDS = {"instruction": "instruction", "input": "input", "output": "output", "prompt": "prompt",
                   "completion": "completion", "messages": "messages", "text": "text", "label": "label"}
+# No token covers more characters than this: a conversation's text beyond max_seq_len times this
+# (or beyond max_seq_len turns, each at least one token) cannot reach the model, so it is never rendered.
+MAX_CHARS_PER_TOKEN = 64
 REJECT_REASONS = ("invalid_utf8", "not_json", "not_an_object", "malformed_csv", "missing_field", "empty_field",
                   "wrong_type", "unknown_role", "no_assistant_turn", "too_long", "template_mismatch")
 
@@ -59,6 +62,8 @@ def parse_record(raw: bytes) -> dict[str, Any]:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         raise RowError("not_json", f"{e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise RowError("not_json", "nested too deeply to parse") from None
     if not isinstance(record, dict):
         raise RowError("not_an_object", f"expected a JSON object, got {type(record).__name__}")
     return record
@@ -251,18 +256,50 @@ class ExampleEncoder:
     def encode_causal(self, examples: list[Mapping[str, Any]]) -> list[Encoded | RowError]:
         """Batch-encode; each result is an `Encoded` or the `RowError` that rejects that example."""
         rendered: list[list[Segment] | RowError] = []
+        cut: list[bool] = []
         for ex in examples:
             try:
+                ex, was_cut = self._within_reach(ex)
+                cut.append(was_cut)
                 rendered.append(render_segments(ex, self.fmt, self.tok, self.use_chat_template))
             except RowError as e:
                 rendered.append(e)
+                cut.append(False)
         texts = ["".join(s.text for s in r) if isinstance(r, list) else "" for r in rendered]
         # A chat template already emits every special token it wants; plain text gets the
         # tokenizer's own BOS (if it adds one).
         enc = self.tok(texts, add_special_tokens=not self.use_chat_template or self.fmt in ("completion", "text"),
                        return_offsets_mapping=True, return_attention_mask=False)
-        return [r if isinstance(r, RowError) else self._label(r, ids, offsets)
-                for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"])]
+        results = [r if isinstance(r, RowError) else self._label(r, ids, offsets)
+                   for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"])]
+        for r, was_cut in zip(results, cut):
+            if was_cut and isinstance(r, Encoded):
+                r.truncated = True
+        return results
+
+    def _within_reach(self, example: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+        """A chat example cut to the leading turns that can reach the first `max_seq_len` tokens,
+        before any rendering (each assistant turn renders the conversation's prefixes: quadratic in
+        the turns). The turn that crosses the bound is kept, so truncation still cuts inside real
+        text. Returns the example and whether turns were cut; raises `too_long` where the cut leaves
+        nothing to learn or truncation is off."""
+        messages = example.get("messages")
+        if messages is None:
+            return example, False
+        budget, kept = self.max_seq_len * MAX_CHARS_PER_TOKEN, []
+        for m in messages:
+            if len(kept) >= self.max_seq_len or budget < 0:
+                break
+            kept.append(m)
+            budget -= len(m["content"])
+        if len(kept) == len(messages):
+            return example, False
+        if not self.truncate:
+            raise RowError("too_long", f"{len(messages)} turns cannot fit max_seq_len {self.max_seq_len} "
+                                       "(data.truncate is off)")
+        if not any(m["role"] == "assistant" for m in kept):
+            raise RowError("too_long", f"no assistant turn within reach of max_seq_len {self.max_seq_len}")
+        return {**example, "messages": kept}, True
 
     def _label(self, segments: list[Segment], ids: list[int], offsets: list[tuple[int, int]]) -> Encoded | RowError:
         starts, pos = [], 0

@@ -8,7 +8,13 @@ Every reader yields the same block schema, one row per input record:
 | `source` | string | the file it was read from; for a streamed HF dataset, its pinned `hf:` spec |
 | `row`    | int64  | JSONL: 1-based line number; CSV: line where the record starts (the header is line 1); Parquet / HF Arrow: 1-based record index; streamed HF dataset: 1-based index in the stream |
 | `raw`    | binary | the record as JSON bytes (JSONL: the line exactly as stored) |
-| `error`  | string | null, or a reject reason found while reading (`invalid_utf8`, `malformed_csv`) |
+| `error`  | string | null, or a reject reason found while reading (`invalid_utf8`, `malformed_csv`, `too_long`) |
+
+No input can exhaust a read task: a line longer than `MAX_LINE_BYTES` (a file without newlines, a
+gzip bomb) is rejected as `too_long` and reading goes on at the next newline, holding at most one
+capped line in memory; a CSV record that the csv module refuses (a field over its 128 KiB limit) or
+that an unbalanced quote stretches over later lines is rejected alone, and reading goes on at the
+line after its first.
 
 Why not `ray.data.read_json` / `read_text`: `read_json` fails the whole dataset on one malformed
 line, and `read_text` decodes whole files at once (one invalid byte fails the file) and splits on
@@ -42,6 +48,8 @@ from workflows.prepare.inputs import HF_STREAM, open_stream, parse_hf_spec, unco
 RECORD_SCHEMA = pa.schema([("origin", pa.string()), ("source", pa.string()), ("row", pa.int64()),
                            ("raw", pa.binary()), ("error", pa.string())])
 ROWS_PER_BLOCK = 4096  # fixed, so block boundaries (and thus packing) are the same every run
+MAX_LINE_BYTES = 16 << 20  # a longer line is a `too_long` reject (no training example is 16 MiB of text)
+REJECT_PREFIX_BYTES = 1024  # what a rejects file keeps of a line too long to keep
 
 
 class _BlockBuilder:
@@ -162,35 +170,109 @@ def _blocks(builder: _BlockBuilder, records: Iterable[tuple[int, bytes, str | No
         yield block
 
 
-def _jsonl_records(f: pa.NativeFile, path: str, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, None]]:
-    """(line number, line bytes) for every non-blank line; split on b"\\n" only."""
-    line_no, carry = 0, b""
-    while True:
-        block = f.read(chunk)
-        if not block:
-            break
-        lines = (carry + block).split(b"\n")
-        carry = lines.pop()
-        for line in lines:
+def _jsonl_records(f: pa.NativeFile, path: str, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes, str | None]]:
+    """(line number, line bytes) for every non-blank line; split on b"\\n" only. A line over
+    `MAX_LINE_BYTES` is a `too_long` reject (its first bytes kept), skipped up to the next newline."""
+    line_no, parts, size, too_long = 0, [], 0, False
+    while block := f.read(chunk):
+        *complete, tail = block.split(b"\n")
+        for piece in complete:
             line_no += 1
-            if line.strip():
+            if too_long or size + len(piece) > MAX_LINE_BYTES:
+                yield _too_long(line_no, b"".join([*parts, piece[:REJECT_PREFIX_BYTES]]))
+            elif (line := b"".join([*parts, piece])).strip():
                 yield line_no, line.removesuffix(b"\r"), None
-    if carry.strip():
-        yield line_no + 1, carry.removesuffix(b"\r"), None
+            parts, size, too_long = [], 0, False
+        if too_long:
+            continue
+        if size + len(tail) > MAX_LINE_BYTES:  # keep only a prefix for the rejects file, drop the rest
+            parts, too_long = [(b"".join(parts) + tail)[:REJECT_PREFIX_BYTES]], True
+        else:
+            parts.append(tail)
+            size += len(tail)
+    if too_long:
+        yield _too_long(line_no + 1, b"".join(parts))
+    elif (line := b"".join(parts)).strip():
+        yield line_no + 1, line.removesuffix(b"\r"), None
+
+
+def _too_long(line_no: int, start: bytes) -> tuple[int, bytes, str]:
+    return line_no, start[:REJECT_PREFIX_BYTES], f"too_long: the line is over {MAX_LINE_BYTES} bytes"
+
+
+class _CsvLines:
+    """The lines of a CSV text stream for `csv.reader`, numbered and capped at `MAX_LINE_BYTES`
+    characters (a longer line reaches the reader as a blank line and is listed in `too_long`).
+    `record` holds the lines the record being parsed has taken, so a bad record can be re-read
+    from its second line (`reread`); `ended` says the record ran into the end of the file, which a
+    record of several lines does only when a quote never closed."""
+
+    def __init__(self, text: io.TextIOBase):
+        self.text, self.line_no, self.ended = text, 0, False
+        self.record: list[tuple[int, str]] = []
+        self.pending: list[tuple[int, str]] = []  # lines to hand out again, in reverse order
+        self.too_long: set[int] = set()
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        item = self.pending.pop() if self.pending else self._read()
+        self.record.append(item)
+        return item[1]
+
+    def _read(self) -> tuple[int, str]:
+        line = self.text.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            self.ended = True
+            raise StopIteration
+        self.line_no += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(("\n", "\r")):
+            while (rest := self.text.readline(MAX_LINE_BYTES)) and not rest.endswith(("\n", "\r")):
+                pass
+            self.too_long.add(self.line_no)
+            return self.line_no, "\n"
+        return self.line_no, line
+
+    def start_record(self) -> None:
+        self.record, self.ended = [], False
+
+    def reread(self) -> None:
+        """Hand out again every line of the current record but its first."""
+        self.pending.extend(reversed(self.record[1:]))
 
 
 def _csv_records(f: pa.NativeFile, path: str) -> Iterator[tuple[int, bytes, str | None]]:
-    """CSV records as JSON objects keyed by the header. Invalid UTF-8 or a wrong number of fields
-    rejects that record only. Per-record Python, in the read task: CSV inputs are moderate."""
+    """CSV records as JSON objects keyed by the header. Invalid UTF-8, a wrong number of fields, a
+    field over the csv module's limit or an unbalanced quote rejects that record only. Per-record
+    Python, in the read task: CSV inputs are moderate."""
     text = io.TextIOWrapper(io.BufferedReader(f), encoding="utf-8", errors="surrogateescape", newline="")
     delimiter = "\t" if uncompressed_name(path).endswith(".tsv") else ","
-    reader = csv.reader(text, delimiter=delimiter)
+    lines = _CsvLines(text)
+    reader = csv.reader(lines, delimiter=delimiter)
     header = next(reader, None)
     if header is None:
         return
-    start = reader.line_num + 1
-    for record in reader:
-        line, start = start, reader.line_num + 1
+    while True:
+        lines.start_record()
+        try:
+            record, error = next(reader), None
+        except StopIteration:
+            return
+        except csv.Error as e:
+            record, error = None, f"malformed_csv: {e}"
+        line, first = lines.record[0] if lines.record else (lines.line_no, "")
+        if line in lines.too_long:
+            yield _too_long(line, b"")
+            continue
+        if record is None or (len(lines.record) > 1 and (len(record) != len(header) or lines.ended)):
+            # A field over the limit, or a quote that swallowed the lines after it: reject the first
+            # line alone and read on from the second (a fresh reader: the old one is mid-field).
+            lines.reread()
+            reader = csv.reader(lines, delimiter=delimiter)
+            raw = first.encode("utf-8", "surrogateescape")[:REJECT_PREFIX_BYTES]
+            yield line, raw, error or f"malformed_csv: an unbalanced quote (the record ran over {len(lines.record)} lines)"
+            continue
         raw_text = delimiter.join(record)
         if any("\udc80" <= ch <= "\udcff" for ch in raw_text):
             yield line, raw_text.encode("utf-8", "surrogateescape"), "invalid_utf8"

@@ -27,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
 from workflows import __version__, storage
-from workflows.artifacts import UserError
+from workflows.artifacts import UserError, redact
 from workflows.config import PipelineConfig
 from workflows.models import load_tokenizer, tokenizer_fingerprint
 from workflows.prepare.encode import EncodeExamples
@@ -79,6 +80,17 @@ def _check_reject_fraction(stats: dict[str, Any], max_fraction: float, root: str
         f"{keep_at}/ (Parquet). Fix the data or the field mapping (data.fields), or raise the threshold.")
 
 
+def _check_input_unchanged(config: PipelineConfig, planned_digest: str | None) -> str:
+    """The input's digest after reading; a PrepareError (nothing committed) when it is not the one
+    the plan fingerprinted: the rows read may mix old and new data, under the old data's key."""
+    digest = input_digest(config)
+    if planned_digest is not None and digest != planned_digest:
+        raise PrepareError(f"the input data changed while prepare read it (digest {planned_digest[:12]} when the "
+                           f"run was planned, {digest[:12]} after reading {config.data.source}); nothing was "
+                           "committed: rerun once the data stops changing")
+    return digest
+
+
 def num_buckets(config: PipelineConfig, files: dict[str, list[tuple[str, str]]]) -> int:
     """At least `data.num_shards` (default: the train workers, at least 2), more for large inputs."""
     data = config.data
@@ -106,7 +118,7 @@ def _encode_and_stage(config: PipelineConfig, files: dict[str, list[tuple[str, s
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if data.max_rows is not None:
         ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(EncodeExamples, fn_constructor_args=(config.model.name, data, task),
+    ds = ds.map_batches(EncodeExamples, fn_constructor_args=(config.model.name, data, task, config.model.revision),
                         batch_format="pyarrow", batch_size=data.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=data.tokenize_actors), num_cpus=1)
     writer = BucketedShardWriter(root, task, buckets)
@@ -132,20 +144,25 @@ def _finalize(plan: BucketPlan, buckets: int, max_eval_rows: int | None) -> list
     return results
 
 
-def run_prepare(config: PipelineConfig, out: str) -> PreparedData:
+def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = None,
+                before_commit: Callable[[], None] | None = None) -> PreparedData:
     """Run the stage and commit its output at `out` (a local path or a store URI). Uses the running
-    Ray instance. Raises PrepareError when too many rows are rejected; the rejects are then kept
-    beside `out` as `<out>.rejects/`."""
+    Ray instance. Raises PrepareError when too many rows are rejected (the rejects are then kept
+    beside `out` as `<out>.rejects/`), or when the input's digest after reading is not
+    `planned_digest`, the one the stage's fingerprint holds (the data changed under the run).
+    `before_commit` runs right before the commit (the run lease's check)."""
     _check_config(config)
     data, task, started = config.data, task_of(config), time.time()
-    tokenizer = load_tokenizer(config.model.name)
+    tokenizer = load_tokenizer(config.model.name, revision=config.model.revision)
     # Fails here, in the driver, on a template/EOS problem instead of once per row in the actors.
     encoder = ExampleEncoder(tokenizer, data.format, data.max_seq_len, data.template, data.truncate)
     packed = task == "causal_lm" and data.pack is not False
     files = input_files(config)
     buckets = num_buckets(config, files)
-    with storage.committed_dir(out) as root:
-        stats = merge_summaries(_encode_and_stage(config, files, task, root, buckets))
+    with storage.committed_dir(out, before_commit) as root:
+        summaries = _encode_and_stage(config, files, task, root, buckets)
+        digest = _check_input_unchanged(config, planned_digest)
+        stats = merge_summaries(summaries)
         _check_reject_fraction(stats, data.max_reject_fraction, root, f"{str(out).rstrip('/')}.rejects")
         labels = label_vocabulary(stats["labels"]) if task == "seq_cls" else None
         plan = BucketPlan(root, task, packed, data.max_seq_len, data.seed, data.dedupe, labels)
@@ -159,7 +176,7 @@ def run_prepare(config: PipelineConfig, out: str) -> PreparedData:
             "tokenizer": {"name": config.model.name, "fingerprint": tokenizer_fingerprint(tokenizer),
                           "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
                           "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id},
-            "input_digest": input_digest(config),
+            "input_digest": digest,
             "input_files": {origin: [path for path, _ in entries] for origin, entries in files.items()},
             "rows_digest": {split: combine_digests([r["digests"][split] for r in results if split in r["digests"]
                                                     and r["rows"].get(split)], "|".join(labels or []))
@@ -171,7 +188,7 @@ def run_prepare(config: PipelineConfig, out: str) -> PreparedData:
         }
         manifest.update(_counts_and_tokens(stats, results, packed, data.max_seq_len))
         manifest["seconds"] = round(time.time() - started, 2)
-        storage.write_json(manifest, storage.join(root, "manifest.json"))
+        storage.write_json(redact(manifest), storage.join(root, "manifest.json"))
     return PreparedData.load(out)
 
 

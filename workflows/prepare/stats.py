@@ -7,6 +7,7 @@ adds them up, never loops over rows.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import numpy as np
@@ -46,8 +47,13 @@ def token_summary(tokens: dict[str, Any]) -> dict[str, Any]:
 
 def label_vocabulary(label_counts: dict[str, int]) -> list[str]:
     """Sorted label names (index = label id): integers numerically first, then strings, so
-    labels 0..k-1 keep their own ids and the order never depends on the data's row order."""
-    return sorted(label_counts, key=lambda name: (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name))
+    labels 0..k-1 keep their own ids and the order never depends on the data's row order. Only ASCII
+    digits count as an integer (`"²"` is a digit to `str.isdigit` but not to `int`); integers that
+    tie (`"1"`, `"01"`) are ordered by their text."""
+    return sorted(label_counts, key=lambda name: (0, int(name), name) if _INTEGER.fullmatch(name) else (1, 0, name))
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def digest_rows(table: pa.Table) -> tuple[int, int]:

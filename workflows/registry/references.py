@@ -39,11 +39,12 @@ class ResolvedAdapter:
         return AdapterFiles.read(self.location, self.ref)
 
 
-def resolve_adapter(spec: str, registry_root: str | Path) -> ResolvedAdapter:
+def resolve_adapter(spec: str, registry_root: str | Path, root_from: str = "registry.root") -> ResolvedAdapter:
     """A folder, URI or registry reference (`name:3`, `name@alias`) pinned to its content.
 
     Registry files are verified (sha256 of every file) on the way. Raises RegistryError naming the
-    reference when it resolves to nothing.
+    reference when it resolves to nothing, and a missing registry with where its root came from
+    (`root_from`: `--root`, `$LORAFLOW_REGISTRY`, ...).
     """
     path = Path(spec).expanduser()
     if not is_uri(spec) and path.is_dir():
@@ -57,7 +58,7 @@ def resolve_adapter(spec: str, registry_root: str | Path) -> ResolvedAdapter:
                             "(NAME@ALIAS or NAME:VERSION)")
     registry = Registry.existing(registry_root)
     if registry is None:
-        raise RegistryError(f"{spec}: there is no registry at {registry_root} (registry.root)")
+        raise RegistryError(f"{spec}: there is no registry at {registry_root} (the root comes from {root_from})")
     return _pinned(registry, registry.get(spec))
 
 
@@ -85,7 +86,7 @@ def champion_for(config: PipelineConfig, train_fingerprint: str | None) -> Resol
         if trained == train_fingerprint:
             moves = [m for m in registry.history(name, alias) if m.to_version == holder]
             holder = moves[-1].from_version if moves else None
-    if holder is None:
+    if holder is None or registry.get(f"{name}:{holder}").deleted:  # a deleted earlier holder: none to compare
         return None
     return _pinned(registry, registry.get(f"{name}:{holder}"))
 

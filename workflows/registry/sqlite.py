@@ -5,6 +5,9 @@
     <root>/registry.db                    SQLite in WAL mode; every change is one IMMEDIATE transaction
     <root>/adapters/<name>/<version>/     the adapter files, copied via a staging dir + rename, read-only
 
+Each version row records its folder (`dir`): when `<name>/<version>` is taken (on a case-insensitive
+file system `Demo` and `demo` are one folder), the version gets `<name>/<version>-<unique id>`.
+
 The root must be a persistent local POSIX path: SQLite's locking is not reliable on NFS or other
 network filesystems, and object stores have no locking at all. Another backend (MLflow's model
 registry, a database server) implements `AdapterRegistry` without touching the stages.
@@ -15,7 +18,10 @@ Invariants:
 - Versions are numbered 1, 2, 3... per name and never reused (soft-deleted ones keep their number);
   the number is allocated inside the write transaction, so concurrent writers never collide.
 - Registering the same content again (sha256 over `adapter_config.json` + the weights) returns the
-  existing version, so a retried DAG never creates a duplicate.
+  existing version, so a retried DAG never creates a duplicate; a deleted one stays deleted.
+- A version folder is renamed into place carrying an orphan marker (`<folder>.orphan`) that is
+  removed once its row is committed: only a folder with a marker and no row (a writer died between
+  rename and commit) is ever removed, by the next writer.
 - Aliases move only through `promote`/`rollback`/`record_decision`; each move is a row of
   `alias_history` with its reason and the gate's numbers.
 """
@@ -53,36 +59,12 @@ from workflows.registry.base import (
     validate_name,
     verify_files,
 )
+from workflows.registry.schema import SCHEMA, SCHEMA_VERSION, lora_core_check_servable
+from workflows.registry.schema import dumps as _dumps
 
-SCHEMA_VERSION = 1
+ORPHAN = ".orphan"
 
 ServableCheck = Callable[[Path], "tuple[bool, list[str]]"]
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS versions (
-    name TEXT NOT NULL, version INTEGER NOT NULL, content_sha256 TEXT NOT NULL, created TEXT NOT NULL,
-    files TEXT NOT NULL, metrics TEXT NOT NULL, lineage TEXT NOT NULL, tags TEXT NOT NULL,
-    servable INTEGER NOT NULL, servable_reasons TEXT NOT NULL, deleted TEXT,
-    PRIMARY KEY (name, version), UNIQUE (name, content_sha256));
-CREATE TABLE IF NOT EXISTS aliases (
-    name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, updated TEXT NOT NULL,
-    PRIMARY KEY (name, alias), FOREIGN KEY (name, version) REFERENCES versions (name, version));
-CREATE TABLE IF NOT EXISTS alias_history (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL, from_version INTEGER,
-    to_version INTEGER NOT NULL, action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
-    reason TEXT NOT NULL, numbers TEXT NOT NULL, time TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version INTEGER NOT NULL, alias TEXT NOT NULL,
-    promote INTEGER NOT NULL, reason TEXT NOT NULL, numbers TEXT NOT NULL, time TEXT NOT NULL);
-"""
-
-
-def _lora_core_check_servable(adapter_dir: Path) -> tuple[bool, list[str]]:
-    from lora_core import check_servable
-
-    ok, reasons = check_servable(adapter_dir)
-    return bool(ok), [str(r) for r in reasons]
 
 
 class Registry(AdapterRegistry):
@@ -100,7 +82,7 @@ class Registry(AdapterRegistry):
         self.root = Path(root).expanduser().resolve()
         self.db_path = self.root / "registry.db"
         self.adapters_dir = self.root / "adapters"
-        self._check_servable = check_servable or _lora_core_check_servable
+        self._check_servable = check_servable or lora_core_check_servable
         self._busy_timeout_s = busy_timeout_s
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self._init_db()
@@ -162,8 +144,10 @@ class Registry(AdapterRegistry):
             if found > SCHEMA_VERSION:
                 conn.execute("ROLLBACK")
                 raise RegistryError(f"{self.db_path} has schema {found}; this loraflow reads {SCHEMA_VERSION}")
-            for statement in filter(str.strip, _SCHEMA.split(";")):  # executescript would COMMIT early
+            for statement in filter(str.strip, SCHEMA.split(";")):  # executescript would COMMIT early
                 conn.execute(statement)
+            if "dir" not in {r["name"] for r in conn.execute("PRAGMA table_info(versions)")}:  # schema 1
+                conn.execute("ALTER TABLE versions ADD COLUMN dir TEXT")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         finally:
@@ -199,35 +183,52 @@ class Registry(AdapterRegistry):
             # any point never leaves a version row whose files are incomplete.
             fsync_tree(staging)
             with self._txn(write=True) as conn:
-                row = conn.execute("SELECT version, deleted FROM versions WHERE name=? AND content_sha256=?",
+                row = conn.execute("SELECT version FROM versions WHERE name=? AND content_sha256=?",
                                    (name, content)).fetchone()
-                if row is not None:  # same content: idempotent (and a soft-deleted twin comes back)
-                    if row["deleted"]:
-                        conn.execute("UPDATE versions SET deleted=NULL WHERE name=? AND version=?",
-                                     (name, row["version"]))
+                if row is not None:  # same content: idempotent (a deleted one stays deleted)
                     return int(row["version"])
+                self._remove_orphans(conn, name_dir)
                 version = conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE name=?",
                                        (name,)).fetchone()[0]
                 dest = name_dir / str(version)
-                if dest.exists():  # left by a writer that died between rename and commit
-                    shutil.rmtree(dest)
+                if dest.exists():  # not ours (another name's, on a case-insensitive disk): never removed
+                    dest = name_dir / f"{version}-{uuid.uuid4().hex[:12]}"
+                marker = dest.parent / f"{dest.name}{ORPHAN}"
+                marker.touch()
                 os.rename(staging, dest)
-                fsync_dir(name_dir)  # the rename itself
+                fsync_dir(name_dir)  # the marker and the rename
                 try:
                     conn.execute(
-                        "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,NULL)",
+                        "INSERT INTO versions (name, version, content_sha256, created, files, metrics, lineage, tags, "
+                        "servable, servable_reasons, deleted, dir) VALUES (?,?,?,?,?,?,?,?,?,?,NULL,?)",
                         (name, version, content, now_iso(), json.dumps(files), _dumps(metrics or {}),
-                         _dumps(lineage_dict), _dumps(tags or {}), int(servable), json.dumps(reasons)))
+                         _dumps(lineage_dict), _dumps(tags or {}), int(servable), json.dumps(reasons),
+                         f"{name}/{dest.name}"))
                 except BaseException:
                     shutil.rmtree(dest, ignore_errors=True)
+                    marker.unlink(missing_ok=True)
                     raise
-                return int(version)
+            marker.unlink(missing_ok=True)  # committed: no longer an orphan
+            return int(version)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def _remove_orphans(self, conn: sqlite3.Connection, name_dir: Path) -> None:
+        """Remove the version folders that carry an orphan marker and have no row: a writer died
+        between its rename and its commit. Called under the write lock, so no writer is mid-commit.
+        Nothing without a marker is touched (on a case-insensitive file system `name_dir` may hold
+        another name's versions)."""
+        for marker in name_dir.glob(f"*{ORPHAN}"):
+            folder = marker.with_name(marker.name.removesuffix(ORPHAN))
+            rel = f"{name_dir.name}/{folder.name}"
+            if conn.execute("SELECT 1 FROM versions WHERE dir=? COLLATE NOCASE", (rel,)).fetchone() is None:
+                shutil.rmtree(folder, ignore_errors=True)
+            marker.unlink(missing_ok=True)
+
     def _row_to_version(self, row: sqlite3.Row) -> AdapterVersion:
         return AdapterVersion(
-            name=row["name"], version=int(row["version"]), path=self.adapters_dir / row["name"] / str(row["version"]),
+            name=row["name"], version=int(row["version"]),
+            path=self.adapters_dir / (row["dir"] or f"{row['name']}/{row['version']}"),
             content_sha256=row["content_sha256"], created=row["created"], files=json.loads(row["files"]),
             metrics=json.loads(row["metrics"]), lineage=json.loads(row["lineage"]), tags=json.loads(row["tags"]),
             servable=bool(row["servable"]), servable_reasons=json.loads(row["servable_reasons"]),
@@ -325,20 +326,24 @@ class Registry(AdapterRegistry):
         validate_name(name)
         validate_alias(alias)
         with self._txn(write=True) as conn:
-            rows = conn.execute("SELECT action, from_version FROM alias_history WHERE name=? AND alias=? "
+            rows = conn.execute("SELECT action, from_version, numbers FROM alias_history WHERE name=? AND alias=? "
                                 "ORDER BY id DESC", (name, alias)).fetchall()
             # An undo stack: each rollback cancels the most recent promotion not yet cancelled;
-            # the target is the holder that promotion replaced.
-            undone = 0
+            # the target is the holder that promotion replaced. A deleted holder is skipped (the
+            # promotion that put it there is cancelled too), and the skips are recorded.
+            undone, skipped = 0, []
             for r in rows:
                 if r["action"] == "rollback":
-                    undone += 1
+                    undone += 1 + len(json.loads(r["numbers"]).get("skipped_deleted", []))
                 elif undone:
                     undone -= 1
+                elif r["from_version"] is None:
+                    break
+                elif self._lookup(conn, Ref(name, version=r["from_version"]))["deleted"]:
+                    skipped.append(int(r["from_version"]))
                 else:
-                    if r["from_version"] is None:
-                        break
-                    return self._move(conn, name, alias, int(r["from_version"]), "rollback", reason, {})
+                    numbers = {"skipped_deleted": skipped} if skipped else {}
+                    return self._move(conn, name, alias, int(r["from_version"]), "rollback", reason, numbers)
             raise RegistryError(f"{name}@{alias}: no earlier holder to roll back to")
 
     def record_decision(self, name, version, alias, promote, reason, numbers,
@@ -368,7 +373,3 @@ class Registry(AdapterRegistry):
             return [{"name": r["name"], "version": r["version"], "alias": r["alias"], "promote": bool(r["promote"]),
                      "reason": r["reason"], "numbers": json.loads(r["numbers"]), "time": r["time"]}
                     for r in conn.execute(query + " ORDER BY id", args)]
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

@@ -20,6 +20,20 @@ def _base_identity_from_adapter(adapter_dir: Path) -> dict[str, Any] | None:
     return data.get("base_model") or data.get("base")
 
 
+def _not_for_automatic_promotion(reg: Registry, name: str, version: int, alias: str) -> str | None:
+    """Why a version is left to a person (None: the gate may promote it): it was deleted (registering
+    its content again does not restore it), or a rollback moved the alias away from it."""
+    v = reg.get(Ref(name, version=version))
+    if v.deleted:
+        return (f"{v.ref} was deleted at {v.deleted}; registering its content again does not restore it, and "
+                "the gate never promotes it")
+    rolled = [m for m in reg.history(name, alias) if m.action == "rollback" and m.from_version == version]
+    if rolled:
+        return (f"{v.ref} was rolled back from @{alias} at {rolled[-1].time} ({rolled[-1].reason}); the gate "
+                f"does not promote it again: `loraflow registry promote {v.ref}` does, by hand")
+    return None
+
+
 def register_and_gate(config: PipelineConfig, adapter_dir: str | Path, eval_metrics: dict[str, Any],
                       lineage: dict[str, Any] | None = None, registry=None,
                       tags: dict[str, str] | None = None) -> tuple[int, Decision]:
@@ -28,9 +42,10 @@ def register_and_gate(config: PipelineConfig, adapter_dir: str | Path, eval_metr
     `config.registry.alias` when it passes.
 
     Idempotent for a retried DAG: the same adapter returns the same version; if it already holds
-    the alias, nothing new is recorded. If the alias moved after evaluation (another run promoted
-    in between), the decision is "not promoted: evaluate again", never a comparison against
-    numbers from another eval set.
+    the alias, nothing new is recorded. A deleted or rolled-back version is never promoted here, and
+    a champion trained on other labels is "not comparable": not promoted either. If the alias moved
+    after evaluation (another run promoted in between), the decision is "not promoted: evaluate
+    again", never a comparison against numbers from another eval set.
     """
     reg = registry if registry is not None else Registry(config.registry.root)
     name, alias = config.registry.name, config.registry.alias
@@ -46,11 +61,18 @@ def register_and_gate(config: PipelineConfig, adapter_dir: str | Path, eval_metr
     if holder == version:
         return version, Decision(True, f"{name}:{version} already holds @{alias} (a retried run)",
                                  {"metric": config.registry.gate.metric}, alias)
+    held_out = _not_for_automatic_promotion(reg, name, version, alias)
+    if held_out:
+        reg.record_decision(name, version, alias, False, held_out, {"new_ref": f"{name}:{version}"})
+        return version, Decision(False, held_out, {"new_ref": f"{name}:{version}"}, alias)
     evaluated = eval_metrics.get("champion_ref")
     evaluated_version = Ref.parse(evaluated).version if evaluated else None
     if evaluated_version != holder:
         decision = Decision(False, f"@{alias} is {name}:{holder} but evaluation compared against "
                                    f"{evaluated or 'no champion'}; evaluate again", {"champion_ref": evaluated}, alias)
+    elif eval_metrics.get("champion_not_comparable"):
+        decision = Decision(False, eval_metrics["champion_not_comparable"],
+                            {"champion_ref": evaluated, "new_ref": f"{name}:{version}", "comparable": False}, alias)
     else:
         diff = eval_metrics.get("diff", {}).get(config.registry.gate.metric, {})
         d = decide(config.registry.gate, models["new"], models.get("champion") if holder else None, diff.get("ci95"),

@@ -35,7 +35,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 import lora_core
 from workflows import __version__, storage
 from workflows.adapters import AdapterFiles
-from workflows.artifacts import UserError, atomic_write_json, is_uri, stage_output
+from workflows.artifacts import UserError, atomic_write_json, is_uri, redact, stage_output
 from workflows.config import PipelineConfig, TrainSection
 from workflows.models import base_identity, load_tokenizer, tokenizer_fingerprint
 from workflows.prepared import PreparedData, PreparedDataError
@@ -255,7 +255,7 @@ def _lineage(config: PipelineConfig, prepared: PreparedData, run_dir: Path | str
                      "manifest_sha256": hashlib.sha256(storage.read_bytes(storage.join(prepared.root, "manifest.json"))).hexdigest(),
                      "rows_digest": manifest.get("rows_digest"), "input_digest": manifest.get("input_digest"),
                      "tokenizer": manifest.get("tokenizer")},
-        "config": config.model_dump(mode="json"),
+        "config": redact(config.model_dump(mode="json")),  # no credentials of a tracking URI in an adapter
         "ray_train": {"run_name": run_name, "storage_path": storage_path},
         "loraflow_version": __version__,
         # classification: what `loraflow predict` prints (index = the head's output)
