@@ -87,6 +87,10 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     model.lora_state = LoraState(config, names, saved, before)
     for param in adapter_parameters(model).values():
         param.requires_grad_(True)
+        if param.is_floating_point() and param.dtype != torch.float32:
+            # Whatever the base dtype: a GradScaler refuses fp16 gradients, and bf16 weights and
+            # AdamW state round small updates away. Autocast still runs the matmuls in its dtype.
+            param.data = param.data.float()
     logger.info("LoRA r=%d alpha=%g on %d modules: %s%s", config.r, config.alpha, len(names),
                 ", ".join(names[:8]), " ..." if len(names) > 8 else "")
     return model

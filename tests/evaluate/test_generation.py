@@ -183,3 +183,26 @@ def test_cli_predict_labels_texts_with_a_minilm_adapter(tmp_path):
     expected = predict("minilm-l6", adapter, texts)
     assert [r["label"] for r in out] == [r["label"] for r in expected]
     assert [r["score"] for r in out] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+# -- the dtype generate / predict load the base in (issue 20: never an fp32 copy of a large base by default) --
+
+def test_the_base_loads_in_the_dtype_the_adapter_was_trained_with_else_auto_and_dtype_wins():
+    from workflows.evaluate.generation import load_dtype
+
+    trained_bf16 = {"config": {"model": {"name": "x", "dtype": "bfloat16"}}}
+    assert load_dtype(trained_bf16) == "bfloat16"
+    assert load_dtype({"config": {"model": {"name": "x"}}}) == "auto"  # recorded nothing
+    assert load_dtype({}) == "auto"  # no adapter
+    assert load_dtype(trained_bf16, "float16") == "float16"  # --dtype
+
+
+def test_predict_loads_the_base_in_the_requested_dtype(tmp_path, monkeypatch):
+    import workflows.evaluate.generation as generation
+
+    seen = []
+    real = generation.load_base
+    monkeypatch.setattr(generation, "load_base", lambda *a, **k: seen.append(k["dtype"]) or real(*a, **k))
+    adapter = _cls_adapter(tmp_path / "cls")
+    results = predict("tiny-bert", adapter, ["my card has not arrived"], dtype="bfloat16")
+    assert seen == ["bfloat16"] and len(results) == 1
