@@ -280,3 +280,26 @@ def test_tokenizer_fingerprint_is_stable_and_sees_the_chat_template():
     b.chat_template = a.chat_template.replace("helpful", "unhelpful")
     assert models.tokenizer_fingerprint(a) != models.tokenizer_fingerprint(b)
     assert models.tokenizer_fingerprint(a) != models.tokenizer_fingerprint(models.load_tokenizer("tiny-bert"))
+
+
+def test_accelerate_is_a_core_dependency_because_every_base_loads_through_device_map(tmp_path, monkeypatch):
+    """`pip install .` alone must load a base (transformers 5 refuses device_map without accelerate);
+    .ci/core_install_check.sh runs a pipeline in such a venv. Read from the checkout's pyproject.toml
+    (the shared venv's installed metadata is that of whichever checkout installed it)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    core = {m.lower() for m in re.findall(r'^\s*"([A-Za-z0-9_.-]+)', block, re.M)}
+    assert {"torch", "transformers", "ray"} <= core  # the parse found the core list
+    assert "accelerate" in core
+    model, tok = models.load_base("tiny-gpt2")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    import transformers.integrations.accelerate as hf_accelerate
+
+    models.load_base(str(tmp_path))
+    # The CPU load takes the GPU's path (device_map), so a venv without accelerate fails here too.
+    monkeypatch.setattr(hf_accelerate, "is_accelerate_available", lambda: False)
+    with pytest.raises(ValueError, match="requires `accelerate`"):
+        models.load_base(str(tmp_path))
