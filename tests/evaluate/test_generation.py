@@ -107,13 +107,13 @@ def test_generate_takes_a_registry_reference_and_the_base_named_by_the_adapter(t
     registry.promote("demo", registry.register(adapter, "demo"), "champion", reason="test")
     resolved = resolve_adapter("demo@champion", tmp_path / "registry")
     assert resolved.ref == "demo:1"
-    got = generate(None, resolved.location, ["What is 2+2?"], max_new_tokens=5)
+    got = generate(None, resolved.location, ["What is 2+2?"], max_new_tokens=5, dtype="float32")
 
     model, tok = load_base("tiny-llama")
     load_adapter(model, adapter)
     ids = greedy_generate(model, tok, [chat_prompt_ids(tok, "What is 2+2?")], max_new_tokens=5)[0]
     assert got == [tok.decode(ids, skip_special_tokens=True)]
-    base_only = generate("tiny-llama", None, ["What is 2+2?"], max_new_tokens=5)
+    base_only = generate("tiny-llama", None, ["What is 2+2?"], max_new_tokens=5, dtype="float32")
     assert base_only != got  # the adapter changes what the model says
 
 
@@ -133,7 +133,7 @@ def _cls_adapter(path: Path, seed: int = 7) -> Path:
 def test_predict_uses_the_label_names_stored_with_the_adapter(tmp_path):
     adapter = _cls_adapter(tmp_path / "cls")
     texts = ["Where is my new card?", "How do I link my card?", "What rate do you use for euros?"]
-    results = predict("tiny-bert", adapter, texts)
+    results = predict("tiny-bert", adapter, texts, dtype="float32")  # the adapter records no dtype: auto
     model, tok = load_base("tiny-bert", task="seq_cls", num_labels=len(LABELS))
     load_adapter(model, adapter)
     for text, r in zip(texts, results):
