@@ -42,7 +42,8 @@ class LoraState:
     config: LoraConfig                  # resolved: concrete target_modules, task_type, modules_to_save
     layers: list[str]                   # names of the LoraLinear modules
     saved_modules: list[str]            # names of the ModulesToSave wrappers
-    requires_grad_before: list[tuple[nn.Parameter, bool]] = field(repr=False, default_factory=list)
+    # (parameter, requires_grad, dtype) before: trained base biases become fp32 and go back on removal
+    requires_grad_before: list[tuple[nn.Parameter, bool, torch.dtype]] = field(repr=False, default_factory=list)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -75,7 +76,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             f"no module matches target_modules={config.target_modules!r}"
             f" (exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r});"
             f" this model's linear layers are named: {', '.join(linear_leaf_names(model))}")
-    before = [(p, p.requires_grad) for p in model.parameters()]
+    before = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
     model.requires_grad_(False)
     layers = {name: _replace(model, name, config) for name in names}
     for members in sibling_groups(names):
@@ -203,8 +204,10 @@ def remove_lora(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     for name in state.saved_modules:
         _set_submodule(model, name, model.get_submodule(name).original_module)
-    for param, flag in state.requires_grad_before:
+    for param, flag, dtype in state.requires_grad_before:
         param.requires_grad_(flag)
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
     del model.lora_state
     return model
 

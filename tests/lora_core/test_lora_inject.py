@@ -300,6 +300,8 @@ def test_every_trainable_parameter_is_fp32_on_a_lower_precision_base(base_dtype)
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     assert frozen == {base_dtype}  # the base itself is not copied to fp32
     assert model.classifier.original_module.weight.dtype == base_dtype
+    remove_lora(model)  # the trained base biases go back to the base dtype
+    assert {p.dtype for p in model.parameters()} == {base_dtype}
 
 
 def test_a_bf16_base_with_an_fp32_head_runs_with_and_without_autocast_and_trains_the_head():
