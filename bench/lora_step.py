@@ -16,6 +16,12 @@ layer 0's input gradient). MFU counts 4N FLOPs per token for LoRA (forward + inp
 the same run (fp32 [512,576]x[576,576], and bf16 for the bf16-base variants). Peak RSS is measured
 per variant in a fresh subprocess (`--rss-child`) so peaks do not mix. Writes
 bench/results/lora_step.md with `--write`.
+
+`--device cuda`: the base is loaded in bf16 on the GPU and every step runs under bf16 autocast,
+timed between `torch.cuda.synchronize()` calls; the matmul peak is measured on the GPU; no RSS
+(host memory is not what a GPU step costs). bench/gpu_smoke.py runs lora_core, frozen and PEFT this
+way (the goal on a GPU: a LoRA step <= 1.05x the frozen floor). The fused fast path is CPU-only, so
+on a GPU lora_core runs the reference formula (bench/README.md: what a CUDA fast path would need).
 """
 
 from __future__ import annotations
@@ -97,22 +103,36 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.th
 
 
 def train_step(model, optimizer, ids: torch.Tensor, clock=time.perf_counter) -> float:
-    """Seconds for one step (forward, backward, optimizer step) on `clock`."""
+    """Seconds for one step (forward, backward, optimizer step) on `clock`; on a GPU under bf16
+    autocast, between two synchronisations (the step's kernels, not their launch)."""
+    cuda = ids.is_cuda
+    _sync(cuda)
     start = clock()
-    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    _sync(cuda)
     return clock() - start
 
 
-def matmul_peak(dtype: torch.dtype, clock=time.perf_counter, reps: int = 200) -> float:
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, clock=time.perf_counter, reps: int = 200, device: str = "cpu") -> float:
     """GFLOP/s of the best of 5 timings of [512,576] x [576,576] (a typical projection)."""
-    a, b = torch.randn(512, 576, dtype=dtype), torch.randn(576, 576, dtype=dtype)
+    a = torch.randn(512, 576, dtype=dtype, device=device)
+    b = torch.randn(576, 576, dtype=dtype, device=device)
     best = float("inf")
     for _ in range(5):
+        _sync(a.is_cuda)
         start = clock()
         for _ in range(reps):
             torch.mm(a, b)
+        _sync(a.is_cuda)
         best = min(best, clock() - start)
     return 2 * 512 * 576 * 576 * reps / best / 1e9
 
@@ -155,6 +175,7 @@ def main() -> None:
                         help="full and peft are always included (the ratios' denominators); the *_ref variants and "
                              "frozen are opt-in: each further resident model changes the others' page-fault costs")
     parser.add_argument("--no-rss", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: bf16 base under bf16 autocast, no RSS")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.relative_to(REPO)}")
     parser.add_argument("--rss-child", nargs=2, metavar=("VARIANT", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,15 +187,17 @@ def main() -> None:
     clock = CLOCKS[args.clock]
     if args.rss_child:
         return rss_child(args.rss_child[0], int(args.rss_child[1]))
+    cuda = torch.device(args.device).type == "cuda"
+    args.no_rss = args.no_rss or cuda
 
     from workflows.models import load_base
-    base, tokenizer = load_base("smollm2-135m")
+    base, tokenizer = load_base("smollm2-135m", dtype="bfloat16" if cuda else "float32", device=args.device)
     n_params = sum(p.numel() for p in base.parameters())  # tied embeddings once: the lm_head matmul
-    peaks = {d: matmul_peak(d, clock) for d in (torch.float32, torch.bfloat16)}
+    peaks = {d: matmul_peak(d, clock, device=args.device) for d in (torch.float32, torch.bfloat16)}
     models = {v: build(v, base) for v in variants}
     times: dict[tuple[str, int], list[float]] = {}
     for seq in args.seqs:
-        ids = gsm8k_batch(tokenizer, seq)
+        ids = gsm8k_batch(tokenizer, seq).to(args.device)
         for variant in variants:  # warm-up: allocator, thread pools, first-call paths
             train_step(*models[variant], ids, clock)
         for r in range(args.rounds):
@@ -182,7 +205,7 @@ def main() -> None:
             for variant in order:
                 times.setdefault((variant, seq), []).append(train_step(*models[variant], ids, clock))
                 print(f"seq {seq} round {r} {variant}: {times[variant, seq][-1]:.2f} s", flush=True)
-    peaks_after = {d: matmul_peak(d, clock) for d in (torch.float32, torch.bfloat16)}
+    peaks_after = {d: matmul_peak(d, clock, device=args.device) for d in (torch.float32, torch.bfloat16)}
     del models
     rss = {} if args.no_rss else {(v, s): measure_rss(v, s, args.threads) for s in args.seqs for v in variants}
     report = render(args, variants, n_params, peaks, peaks_after, times, rss)
@@ -210,9 +233,12 @@ def render(args, variants, n_params, peaks, peaks_after, times, rss) -> str:
         f"`.venv/bin/python -m bench.lora_step --seqs {' '.join(map(str, args.seqs))} --rounds {args.rounds} "
         f"--threads {args.threads} --clock {args.clock}"
         + (f" --variants {' '.join(args.variants)}" if tuple(args.variants) != DEFAULT_VARIANTS else "")
+        + (f" --device {args.device}" if args.device != "cpu" else "")
         + " --write`", "",
         f"SmolLM2-135M (N = {n_params / 1e6:.1f}M), batch {BATCH} x seq of GSM8K text, AdamW; LoRA r=8 alpha=16 "
-        f"dropout 0.05 on {', '.join(TARGETS)}. torch {torch.__version__}, {args.threads} threads. Median of "
+        f"dropout 0.05 on {', '.join(TARGETS)}. torch {torch.__version__}, "
+        + (f"{torch.cuda.get_device_name()} (bf16 base, bf16 autocast)" if args.device.startswith("cuda")
+           else f"{args.threads} threads") + ". Median of "
         f"{args.rounds} interleaved steps after one warm-up step, {args.clock} clock"
         + ("" if _fast_path_enabled() else " (fast path off process-wide: LORAFLOW_FUSED_LORA)")
         + ". Matmul peak (fp32 / bf16, GFLOP/s, start - end "

@@ -231,7 +231,7 @@ class _LoraGroup(torch.autograd.Function):
             if lora_bias is not None and needs[j + 4]:
                 out_grads[j + 4] = g_lora.sum(0).mul_(scaling)
             if bias is not None and needs[j + 1]:
-                out_grads[j + 1] = g.sum(0)
+                out_grads[j + 1] = g.sum(0, dtype=bias.dtype)
             if needs[j]:  # a trained base weight: not LoRA's normal use, but exact
                 out_grads[j] = x.t() @ g if transposed else g.t() @ x
             offset += r
@@ -274,6 +274,8 @@ def _cat_a(branches) -> torch.Tensor:
 
 
 def _base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    if bias is not None and bias.dtype != weight.dtype:  # a trained base bias, kept fp32 (inject.py)
+        return _base(x, weight, None, transposed).add_(bias.to(weight.dtype))
     if transposed:  # transformers' Conv1D: weight (in, out)
         return torch.addmm(bias, x, weight) if bias is not None else x @ weight
     return F.linear(x, weight, bias)

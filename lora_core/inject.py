@@ -42,7 +42,8 @@ class LoraState:
     config: LoraConfig                  # resolved: concrete target_modules, task_type, modules_to_save
     layers: list[str]                   # names of the LoraLinear modules
     saved_modules: list[str]            # names of the ModulesToSave wrappers
-    requires_grad_before: list[tuple[nn.Parameter, bool]] = field(repr=False, default_factory=list)
+    # (parameter, requires_grad, dtype) before: trained base biases become fp32 and go back on removal
+    requires_grad_before: list[tuple[nn.Parameter, bool, torch.dtype]] = field(repr=False, default_factory=list)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -75,7 +76,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
             f"no module matches target_modules={config.target_modules!r}"
             f" (exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r});"
             f" this model's linear layers are named: {', '.join(linear_leaf_names(model))}")
-    before = [(p, p.requires_grad) for p in model.parameters()]
+    before = [(p, p.requires_grad, p.dtype) for p in model.parameters()]
     model.requires_grad_(False)
     layers = {name: _replace(model, name, config) for name in names}
     for members in sibling_groups(names):
@@ -87,6 +88,10 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     model.lora_state = LoraState(config, names, saved, before)
     for param in adapter_parameters(model).values():
         param.requires_grad_(True)
+        if param.is_floating_point() and param.dtype != torch.float32:
+            # Whatever the base dtype: a GradScaler refuses fp16 gradients, and bf16 weights and
+            # AdamW state round small updates away. Autocast still runs the matmuls in its dtype.
+            param.data = param.data.float()
     logger.info("LoRA r=%d alpha=%g on %d modules: %s%s", config.r, config.alpha, len(names),
                 ", ".join(names[:8]), " ..." if len(names) > 8 else "")
     return model
@@ -199,8 +204,10 @@ def remove_lora(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     for name in state.saved_modules:
         _set_submodule(model, name, model.get_submodule(name).original_module)
-    for param, flag in state.requires_grad_before:
+    for param, flag, dtype in state.requires_grad_before:
         param.requires_grad_(flag)
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
     del model.lora_state
     return model
 

@@ -7,8 +7,9 @@
 with A = `lora_A.weight` (r, in) and B = `lora_B.weight` (out, r) as `nn.Linear`s, so in-memory
 names (`q_proj.lora_A.weight`) are PEFT's saved names and `adapter_io` only adds the prefix. A is
 kaiming-uniform(a=sqrt(5)) (or gaussian std 1/r) and B is zero, so a fresh adapter is a no-op.
-A and B stay fp32 whatever the base dtype; the branch's input is cast to fp32 and the sum is
-rounded once to the base output's dtype. `Conv1D` stores its weight as (in, out): A and B keep
+A and B stay fp32 whatever the base dtype; outside autocast the branch's input is cast to fp32 and
+the sum is rounded once to the base output's dtype (under autocast the matmuls run in autocast's
+dtype anyway, so the input is not cast: an fp32 copy of it would only be cast back). `Conv1D` stores its weight as (in, out): A and B keep
 their usual shapes and only `delta_weight` (merging) transposes.
 
 `forward` is that formula. Where `fused.applies` (on the CPU, outside autocast, unless switched
@@ -88,9 +89,18 @@ class LoraLinear(nn.Module):
             return self.base_layer(x)
         if fused.applies(self, x):  # the same formula, computed faster on the CPU: fused.py
             return fused.forward(self, x)
-        result = self.base_layer(x)
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        result = self._base_output(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x if autocast else x.to(self.lora_A.weight.dtype))))
         return (result + self.scaling * delta).to(result.dtype)  # a bf16 base: summed in fp32, rounded once
+
+    def _base_output(self, x: torch.Tensor) -> torch.Tensor:
+        bias, weight = self.base_layer.bias, self.base_layer.weight
+        if bias is None or bias.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return self.base_layer(x)
+        # A trained base bias (bias="lora_only") stays fp32 on a lower-precision base (inject.py).
+        out = x @ weight if self.fan_in_fan_out else nn.functional.linear(x, weight)
+        return out + bias.to(out.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -149,8 +159,16 @@ class ModulesToSave(nn.Module):
         return {f"modules_to_save.{k}": p for k, p in self.modules_to_save.named_parameters()}
 
     def forward(self, *args, **kwargs):
-        module = self.original_module if self.disabled else self.modules_to_save
-        return module(*args, **kwargs)
+        if self.disabled:
+            return self.original_module(*args, **kwargs)
+        base_dtype = _float_dtype(self.original_module)
+        train_dtype = _float_dtype(self.modules_to_save)
+        if base_dtype == train_dtype or _autocast_on(args, kwargs):
+            return self.modules_to_save(*args, **kwargs)
+        # The copy trains in fp32 on a lower-precision base (inject.py) and no autocast runs: it
+        # reads its inputs in fp32 and hands the model the base dtype, as the original would.
+        args, kwargs = _cast_floats((args, kwargs), train_dtype)
+        return _cast_floats(self.modules_to_save(*args, **kwargs), base_dtype)
 
     def __getattr__(self, name: str):
         # Model code may read the wrapped head's attributes (`self.score.weight.dtype`).
@@ -160,3 +178,25 @@ class ModulesToSave(nn.Module):
             if name.startswith("_") or "modules_to_save" not in self.__dict__.get("_modules", {}):
                 raise
             return getattr(self._modules["modules_to_save"], name)
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _autocast_on(args: tuple, kwargs: dict) -> bool:
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    return any(torch.is_autocast_enabled(t.device.type) for t in tensors[:1])
+
+
+def _cast_floats(value, dtype: torch.dtype | None):
+    """`value` with every floating-point tensor in it (through tuples, lists, dicts) cast to `dtype`."""
+    if dtype is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple | list):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value

@@ -15,6 +15,7 @@ from workflows.collate import (
     ClassificationCollator,
     causal_token_nll,
     collator_for,
+    label_token_nll,
 )
 
 PAD = 0
@@ -152,6 +153,33 @@ def test_token_nll_matches_the_models_own_shifted_mean_loss():
     assert nll.shape == mask.shape == (2, batch["input_ids"].shape[1] - 1)
     assert int(mask.sum()) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(nll.sum() / mask.sum(), out.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_loss_at_label_positions_in_chunks_equals_the_plain_loss_in_value_and_gradients(packed):
+    """The training loss (logits only where a label is scored, fp32 a chunk at a time) against
+    `causal_token_nll` over the full logits; chunks of 3 rows so several chunks run."""
+    model = _tiny_llama().train()
+    rows = [_packed_row([[3, 4, 5, 6, 7], [8, 9, 10]]), _packed_row([[11, 12, 13]])]
+    for row in rows:
+        row["labels"][:3] = [IGNORE_INDEX] * 3  # a prompt: fewer scored positions in row 0
+    if not packed:
+        rows = [{k: r[k] for k in ("input_ids", "labels")} for r in rows]
+    batch = CausalCollator(pad_token_id=PAD, packed=packed, loss_positions=True)(_columns(rows))
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions", "loss_targets")}
+    assert batch["loss_positions"].shape == batch["loss_targets"].shape == (2, 4)
+
+    nll, _ = causal_token_nll(model(**inputs, use_cache=False).logits, batch["labels"])
+    plain = nll.sum()
+    plain_grads = torch.autograd.grad(plain, list(model.parameters()))
+    kept = model(**inputs, use_cache=False, logits_to_keep=batch["loss_positions"]).logits
+    assert kept.shape[:2] == (2, 4)  # no logits where nothing is scored
+    chunked = label_token_nll(kept, batch["loss_targets"], chunk_rows=3)
+    chunked_grads = torch.autograd.grad(chunked, list(model.parameters()))
+
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_collates_parquet_shards_through_ray_data(ray_session, tmp_path):

@@ -221,6 +221,43 @@ def test_auto_dtype_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
     assert models.resolve_dtype("float32") == "float32"  # explicit dtypes are never second-guessed
 
 
+def test_native_bf16_on_a_gpu_does_not_count_emulation_and_the_loader_and_trainer_share_it(monkeypatch):
+    """T4/V100 emulate bf16: `auto` must give them fp16 weights and fp16 autocast (with a scaler)."""
+    from workflows.train.loop import autocast_dtype
+
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # an emulating GPU: supported only if emulation counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert models.native_bf16("cuda:0") is False
+    assert models.resolve_dtype("auto", "cuda:0") == "float16"
+    assert autocast_dtype("auto", torch.device("cuda", 0)) == torch.float16
+    assert asked == [False, False, False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert models.resolve_dtype("auto", "cuda") == "bfloat16"
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_packed_rows_on_cuda_get_flash_attention_2_only_where_flash_attn_is_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, v=installed: (object() if v else None) if name == "flash_attn" else real(name, *a))
+        want = "flash_attention_2" if installed else "sdpa"
+        assert models.attention_implementation("cuda:0", packed=True) == want
+        assert models.attention_implementation("cuda:0", packed=False) == "sdpa"
+        assert models.attention_implementation("cpu", packed=True) == "sdpa"
+
+
+def test_the_base_loads_with_the_attention_implementation_asked_for():
+    model, _ = models.load_base("tiny-llama", attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+
+
 def test_uncached_hub_id_offline_says_so():
     with pytest.raises(models.ModelNotAvailableError, match="OFFLINE.*not in the local Hugging Face cache"):
         models.load_tokenizer("loraflow-tests/no-such-model")
@@ -243,3 +280,26 @@ def test_tokenizer_fingerprint_is_stable_and_sees_the_chat_template():
     b.chat_template = a.chat_template.replace("helpful", "unhelpful")
     assert models.tokenizer_fingerprint(a) != models.tokenizer_fingerprint(b)
     assert models.tokenizer_fingerprint(a) != models.tokenizer_fingerprint(models.load_tokenizer("tiny-bert"))
+
+
+def test_accelerate_is_a_core_dependency_because_every_base_loads_through_device_map(tmp_path, monkeypatch):
+    """`pip install .` alone must load a base (transformers 5 refuses device_map without accelerate);
+    .ci/core_install_check.sh runs a pipeline in such a venv. Read from the checkout's pyproject.toml
+    (the shared venv's installed metadata is that of whichever checkout installed it)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    core = {m.lower() for m in re.findall(r'^\s*"([A-Za-z0-9_.-]+)', block, re.M)}
+    assert {"torch", "transformers", "ray"} <= core  # the parse found the core list
+    assert "accelerate" in core
+    model, tok = models.load_base("tiny-gpt2")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    import transformers.integrations.accelerate as hf_accelerate
+
+    models.load_base(str(tmp_path))
+    # The CPU load takes the GPU's path (device_map), so a venv without accelerate fails here too.
+    monkeypatch.setattr(hf_accelerate, "is_accelerate_available", lambda: False)
+    with pytest.raises(ValueError, match="requires `accelerate`"):
+        models.load_base(str(tmp_path))

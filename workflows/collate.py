@@ -17,6 +17,11 @@ Output (all int64, B rows, T = longest row, rounded up to `pad_to_multiple_of`):
 - classification: right-padded `input_ids`, `attention_mask`, `labels` (B,).
 
 Labels are not shifted: the logits at position t predict `labels[:, t + 1]` (`causal_token_nll`).
+
+With `loss_positions=True` (the training loop) a causal batch also carries, per row, the positions
+whose logits score a label and those labels: `loss_positions` (B, K) and `loss_targets` (B, K), K =
+the most label tokens of any row, padded with position 0 and target -100. Computed here, on the host,
+so the loop never asks the device how many there are. `label_token_nll` scores only those positions.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 
@@ -83,6 +89,7 @@ class CausalCollator:
     pad_token_id: int
     packed: bool
     pad_to_multiple_of: int = 1
+    loss_positions: bool = False
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         input_ids, labels = _rows(batch, "input_ids"), _rows(batch, "labels")
@@ -102,7 +109,22 @@ class CausalCollator:
             out["position_ids"] = positions
         else:
             out["attention_mask"] = _attention_mask(input_ids, length)
+        if self.loss_positions:
+            out["loss_positions"], out["loss_targets"] = _loss_positions(out["labels"])
         return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def _loss_positions(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions (B, K), targets (B, K)): where position t's logits score label t + 1."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    width = max(1, int(scored.sum(axis=1).max(initial=0)))
+    positions = np.zeros((len(labels), width), dtype=np.int64)
+    targets = np.full((len(labels), width), IGNORE_INDEX, dtype=np.int64)
+    for i, row in enumerate(scored):
+        where = np.flatnonzero(row)
+        positions[i, : len(where)] = where
+        targets[i, : len(where)] = labels[i, where + 1]
+    return positions, targets
 
 
 @dataclass(frozen=True)
@@ -124,10 +146,12 @@ class ClassificationCollator:
         }
 
 
-def collator_for(manifest: Mapping[str, Any], split: str, pad_to_multiple_of: int = 1) -> Callable[[Batch], dict]:
+def collator_for(manifest: Mapping[str, Any], split: str, pad_to_multiple_of: int = 1,
+                 loss_positions: bool = False) -> Callable[[Batch], dict]:
     """The collator for one split ("train" or "eval") of a prepared dataset, from its manifest.
 
     Only train data is ever packed (`manifest["packed"]`); eval rows are always unpacked.
+    `loss_positions`: causal batches carry `loss_positions` / `loss_targets` (module docstring).
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -140,7 +164,7 @@ def collator_for(manifest: Mapping[str, Any], split: str, pad_to_multiple_of: in
         return ClassificationCollator(pad_token_id, pad_to_multiple_of)
     if task == "causal_lm":
         packed = bool(manifest.get("packed")) and split == "train"
-        return CausalCollator(pad_token_id, packed, pad_to_multiple_of)
+        return CausalCollator(pad_token_id, packed, pad_to_multiple_of, loss_positions)
     raise ValueError(f"prepared manifest field 'task' is {task!r}; expected 'causal_lm' or 'seq_cls'")
 
 
@@ -156,3 +180,27 @@ def causal_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                           ignore_index=IGNORE_INDEX, reduction="none").view_as(targets)
     return nll, mask
+
+
+def label_token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Sum of the next-token NLL over the scored positions, in fp32, a chunk of rows at a time.
+
+    logits (B, K, V) at the positions `loss_positions` names (any dtype: bf16 under autocast),
+    targets (B, K) with -100 where a row has fewer. Each chunk is cast to fp32, scored and dropped;
+    backward recomputes it (checkpointed), so no fp32 copy of the logits is ever whole, and no
+    logits of positions without a label exist at all (the model was asked only for these). Equals
+    `causal_token_nll(full logits, labels).sum()` (values and gradients; tests/test_collate.py).
+    """
+    flat, flat_targets = logits.flatten(0, 1), targets.flatten()
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk_rows):
+        part, part_targets = flat[start:start + chunk_rows], flat_targets[start:start + chunk_rows]
+        if part.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_nll_sum, part, part_targets, use_reentrant=False)
+        else:
+            total = total + _nll_sum(part, part_targets)
+    return total
+
+
+def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")

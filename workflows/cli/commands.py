@@ -304,7 +304,7 @@ def cmd_generate(args) -> int:
     _quiet_libraries(args.verbose)
     with _adapter_dir(args.adapter, args.root) as adapter:
         for prompt in args.prompt:
-            generate(args.model, adapter, [prompt], max_new_tokens=args.max_new_tokens, device=args.device,
+            generate(args.model, adapter, [prompt], max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
                      on_token=lambda text: print(text, end="", flush=True))
             print()
     return EXIT_OK
@@ -315,7 +315,7 @@ def cmd_predict(args) -> int:
 
     _quiet_libraries(args.verbose)
     with _adapter_dir(args.adapter, args.root) as adapter:
-        results = predict(args.model, adapter, args.text, device=args.device)
+        results = predict(args.model, adapter, args.text, device=args.device, dtype=args.dtype)
     if args.json:
         _emit_json(results)
     else:

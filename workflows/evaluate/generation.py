@@ -157,11 +157,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load(model_name: str | None, adapter_dir: Path | None, **base_kwargs):
+def load_dtype(meta: dict[str, Any], requested: str | None = None) -> str:
+    """The dtype `generate` and `predict` load the base in: `requested` (`--dtype`) if given, else the
+    `model.dtype` the adapter's loraflow.json records (what it was trained on), else "auto" (bf16 on a
+    GPU or CPU with native bf16, fp16 on other GPUs): never an fp32 copy of a large base by default."""
+    if requested:
+        return requested
+    return ((meta.get("config") or {}).get("model") or {}).get("dtype") or "auto"
+
+
+def _load(model_name: str | None, adapter_dir: Path | None, dtype: str | None = None, **base_kwargs):
     meta = _adapter_meta(adapter_dir)
     if base_kwargs.get("task") == "seq_cls":  # the head is fed as it was in training
         base_kwargs["pooling"] = pooling_of(meta)
-    model, tokenizer = load_base(_model_name(model_name, meta), **base_kwargs)
+    model, tokenizer = load_base(_model_name(model_name, meta), dtype=load_dtype(meta, dtype), **base_kwargs)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     return model.eval(), tokenizer, meta
@@ -194,14 +203,16 @@ class _CallbackStreamer:
 
 def generate(model_name: str | None, adapter_dir: str | Path | None, prompts: Sequence[str],
              max_new_tokens: int = 128, on_token: Callable[[str], None] | None = None,
-             system_prompt: str | None = None, batch_size: int = 8, device: str | None = None) -> list[str]:
+             system_prompt: str | None = None, batch_size: int = 8, device: str | None = None,
+             dtype: str | None = None) -> list[str]:
     """Greedy answers to chat prompts from a base model plus an optional adapter folder.
 
-    `model_name` defaults to the base recorded in the adapter's loraflow.json. With `on_token`,
-    text is streamed as it is produced (prompts then run one at a time).
+    `model_name` defaults to the base recorded in the adapter's loraflow.json, `dtype` to the one it
+    records (`load_dtype`). With `on_token`, text is streamed as it is produced (prompts then run one
+    at a time).
     """
     model, tokenizer, _ = _load(model_name, Path(adapter_dir) if adapter_dir else None,
-                                device=device or default_device())
+                                device=device or default_device(), dtype=dtype)
     ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in prompts]
     if on_token is None:
         outs = greedy_generate(model, tokenizer, ids, max_new_tokens, batch_size=batch_size)
@@ -223,8 +234,8 @@ def label_names_of(adapter_dir: Path) -> list[str] | None:
 @torch.inference_mode()
 def predict(model_name: str | None, adapter_dir: str | Path, texts: Sequence[str],
             label_names: Sequence[str] | None = None, max_length: int = 512,
-            device: str | None = None) -> list[dict[str, Any]]:
-    """Classify texts with a sequence-classification adapter.
+            device: str | None = None, dtype: str | None = None) -> list[dict[str, Any]]:
+    """Classify texts with a sequence-classification adapter (base loaded in `load_dtype`).
 
     Returns one `{"text", "label", "label_id", "score"}` per text (`score` = softmax probability of
     the predicted class). Label names come from `label_names` or the adapter's loraflow.json.
@@ -234,7 +245,8 @@ def predict(model_name: str | None, adapter_dir: str | Path, texts: Sequence[str
     if not names:
         raise ValueError(f"{adapter_dir / 'loraflow.json'} has no label_names; pass label_names explicitly")
     device = device or default_device()
-    model, tokenizer, _ = _load(model_name, adapter_dir, task="seq_cls", num_labels=len(names), device=device)
+    model, tokenizer, _ = _load(model_name, adapter_dir, task="seq_cls", num_labels=len(names), device=device,
+                                dtype=dtype)
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     probs = model(input_ids=enc["input_ids"].to(device),
                   attention_mask=enc["attention_mask"].to(device)).logits.float().softmax(-1).cpu()

@@ -9,11 +9,17 @@ under `no_sync()`). Every label token weighs the same on every rank:
 
 Metrics are reported every `log_every` steps and checkpoints every `checkpoint_every` steps (both
 at the last step); `ray.train.report` is a barrier costing ~0.1-2 s, so never per step.
+
+No host sync between reports: label counts, losses and the gradient norm stay device tensors (a
+`.item()` per micro-batch would stall a GPU's queue every time) and are read when a line is logged.
+Throughput (`tokens_per_s`, `step_time_s`) times the training steps alone; evaluation, checkpoint
+saving and `ray.train.report` are timed apart (`eval_s`, `checkpoint_s`, `report_s`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import tempfile
@@ -30,7 +36,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint
 from torch import nn
 
-from workflows.collate import causal_token_nll, collator_for
+from workflows.collate import collator_for, label_token_nll
+from workflows.devices import native_bf16
 from workflows.train.batches import micro_batches
 from workflows.train.checkpoint import TrainState, save_checkpoint, step_seed
 from workflows.train.ddp_comm import CommStats
@@ -49,19 +56,22 @@ class StepLoop:
         self.on_checkpoint, self.scaler = on_checkpoint, scaler
         self.causal = cfg.manifest["task"] == "causal_lm"
         self.autocast_dtype = autocast_dtype(self.tc.precision, device)
+        # transformers 5 causal LMs compute logits only at the positions asked for (`logits_to_keep`).
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.allreduce_per_step: set[int] = set()
         self.last_metrics: dict[str, Any] = {}
         self.window = MetricsWindow(device, world)
         self._run_start = time.perf_counter()
         self._steps_this_run = 0
+        self._report_s = self._checkpoint_s = 0.0
         self._eval_cache: list[dict[str, torch.Tensor]] | None = None
 
     # -- data ------------------------------------------------------------------------------
     def _batches(self, state: TrainState) -> Iterator[list[dict[str, torch.Tensor]]]:
         """Groups of `grad_accum` micro-batches from the saved data position onwards."""
         shard = ray.train.get_dataset_shard("train")
-        collate = collator_for(self.cfg.manifest, "train")
+        collate = collator_for(self.cfg.manifest, "train", loss_positions=True)
         grouped = self.tc.group_by_length if self.tc.group_by_length != "auto" else not self.cfg.manifest["packed"]
         while True:
             batches = micro_batches(shard, collate, self.tc.batch_size, self.device, self.tc.seed, state.epoch,
@@ -77,16 +87,22 @@ class StepLoop:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
     # -- one step --------------------------------------------------------------------------
-    def _loss_terms(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """(sum of per-token/per-row loss, number of loss terms) for one micro-batch."""
+    def _loss_terms(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """(sum of per-token/per-row loss, number of loss terms: a device tensor, never read here)."""
         labels = batch["labels"]
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions", "loss_targets")}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = model(**inputs, use_cache=False).logits if self.causal else model(**inputs).logits
+            if not self.causal:
+                logits = model(**inputs).logits
+            elif self.keeps_logits:  # (B, K, V): only where a label is scored
+                logits = model(**inputs, use_cache=False, logits_to_keep=batch["loss_positions"]).logits
+            else:
+                logits = model(**inputs, use_cache=False).logits
+                logits = logits.take_along_dim(batch["loss_positions"][..., None], dim=1)
         if self.causal:
-            nll, mask = causal_token_nll(logits, labels)
-            return nll.sum(), int(mask.sum())
+            targets = batch["loss_targets"]
+            return label_token_nll(logits, targets), (targets != -100).sum()
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
 
     def _label_tokens(self, group: list[dict[str, torch.Tensor]]) -> torch.Tensor:
@@ -96,24 +112,25 @@ class StepLoop:
             count = sum(b["labels"].numel() for b in group)
         return torch.as_tensor(count, dtype=torch.float64, device=self.device).reshape(1)
 
-    def step(self, group: list[dict[str, torch.Tensor]], step: int) -> float:
+    def step(self, group: list[dict[str, torch.Tensor]], step: int) -> torch.Tensor:
+        """One optimizer step; returns the gradient norm as a device tensor (read when logged)."""
         torch.manual_seed(step_seed(self.tc.seed, self.rank, step))
         total = self._label_tokens(group)
         if self.world > 1:
             dist.all_reduce(total)  # global label tokens: every token weighs the same on every rank
-        total = max(float(total), 1.0)
+        weight = (self.world / total.clamp(min=1.0)).float().squeeze()  # stays on the device
         before = self.stats.allreduce_bytes
         for i, batch in enumerate(group):
             sync = i == len(group) - 1 or self.world == 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 loss_sum, n = self._loss_terms(self.ddp, batch)
-                loss = loss_sum * self.world / total
+                loss = loss_sum * weight
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             self.window.add(loss_sum, n, batch)
         if self.scaler:  # fp16: true gradients before clipping; a step with inf/nan ones is skipped
             self.scaler.unscale_(self.optimizer)
         max_norm = self.tc.max_grad_norm if self.tc.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -130,6 +147,7 @@ class StepLoop:
     def run(self, state: TrainState) -> None:
         total, tc = self.cfg.total_steps, self.tc
         self._run_start = time.perf_counter()
+        self.window.restart()  # the initial evaluation is not training time
         if state.step >= total:
             self.last_metrics = self._metrics(state, grad_norm=None, do_eval=self.cfg.has_eval)
             return
@@ -146,31 +164,36 @@ class StepLoop:
             if last:
                 return
 
-    def _report(self, state: TrainState, grad_norm: float, do_eval: bool, ckpt: bool) -> None:
+    def _report(self, state: TrainState, grad_norm: torch.Tensor | None, do_eval: bool, ckpt: bool) -> None:
         metrics = self._metrics(state, grad_norm, do_eval)
         self.last_metrics = metrics
         if self.rank == 0:
             append_jsonl(Path(self.cfg.run_dir) / "metrics.jsonl", metrics)
             print(progress_line(metrics, self.cfg.total_steps), flush=True)
+        start, self._checkpoint_s = time.perf_counter(), 0.0
         if not ckpt:
             ray.train.report(metrics)
-            return
-        # Every rank calls report (it is a barrier); the adapter is identical on every rank, so
-        # rank 0 alone writes it. Ray copies the directory to storage before report returns.
-        with tempfile.TemporaryDirectory(prefix="loraflow-ckpt-") as tmp:
-            checkpoint = None
-            if self.rank == 0:
-                save_checkpoint(Path(tmp), self.model, self.optimizer, self.scheduler, state, self.scaler)
-                checkpoint = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if self.rank == 0 and self.on_checkpoint is not None:
-            self.on_checkpoint()
+        else:
+            # Every rank calls report (it is a barrier); the adapter is identical on every rank, so
+            # rank 0 alone writes it. Ray copies the directory to storage before report returns.
+            with tempfile.TemporaryDirectory(prefix="loraflow-ckpt-") as tmp:
+                checkpoint = None
+                if self.rank == 0:
+                    saving = time.perf_counter()
+                    save_checkpoint(Path(tmp), self.model, self.optimizer, self.scheduler, state, self.scaler)
+                    self._checkpoint_s = time.perf_counter() - saving
+                    checkpoint = Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
+            if self.rank == 0 and self.on_checkpoint is not None:
+                self.on_checkpoint()
+        self._report_s = time.perf_counter() - start - self._checkpoint_s  # logged with the next report
+        self.window.restart()
 
-    def _metrics(self, state: TrainState, grad_norm: float | None, do_eval: bool) -> dict[str, Any]:
+    def _metrics(self, state: TrainState, grad_norm: torch.Tensor | None, do_eval: bool) -> dict[str, Any]:
         per_step = sorted(self.allreduce_per_step)
         metrics = {
-            "step": state.step, "epoch": state.epoch, **self.window.close(),
-            "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "step": state.step, "epoch": state.epoch, **self.window.close(),  # the host reads, here
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
             "allreduce_bytes_per_step": per_step[-1] if per_step else 0,
             "allreduce_bytes_per_step_distinct": per_step,
             "elapsed_s": time.perf_counter() - self._run_start, "steps_this_run": self._steps_this_run,
@@ -179,8 +202,12 @@ class StepLoop:
             metrics["loss_scale"] = self.scaler.get_scale()
         if self.device.type == "cuda":
             metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        # The previous report's checkpoint saving and ray.train.report (this one's are still to come).
+        metrics["checkpoint_s"], metrics["report_s"] = self._checkpoint_s, self._report_s
         if do_eval:
+            start = time.perf_counter()
             metrics["eval_loss"] = self.eval_loss()
+            metrics["eval_s"] = time.perf_counter() - start
         return metrics
 
     def eval_loss(self) -> float:
@@ -210,7 +237,7 @@ class StepLoop:
         if self._eval_cache is None:
             shard = ray.train.get_dataset_shard("eval")
             batches = shard.iter_torch_batches(batch_size=self.tc.batch_size, device=self.device,
-                                               collate_fn=RayCollate(collator_for(self.cfg.manifest, "eval")))
+                                               collate_fn=RayCollate(collator_for(self.cfg.manifest, "eval", loss_positions=True)))
             mine = (b for i, b in enumerate(batches) if i % self.world == self.rank)
             self._eval_cache = list(itertools.islice(mine, self.tc.eval_batches))
         return self._eval_cache
@@ -219,7 +246,7 @@ class StepLoop:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of `train.precision` on `device`; None: no autocast (fp32)."""
     if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        precision = "fp32" if device.type != "cuda" else "bf16" if native_bf16(str(device)) else "fp16"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 

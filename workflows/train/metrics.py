@@ -2,7 +2,11 @@
 
 `MetricsWindow` accumulates per-rank sums (NLL, label tokens, tokens) since the last report; at a
 report they are all-reduced, so the loss is the mean over every rank's label tokens and tokens/s
-counts every rank. The sums live on the worker's device: an NCCL group reduces only device tensors.
+counts every rank. The sums live on the worker's device: an NCCL group reduces only device tensors,
+and adding to them never waits for the device; `close` is the one read, at a report.
+
+The window's clock runs from `restart` (after the previous report's evaluation, checkpoint and
+`ray.train.report`) to `close` (whose read waits for the queued steps): training steps only.
 """
 
 from __future__ import annotations
@@ -26,18 +30,19 @@ class MetricsWindow:
         self.steps = 0
         self.start = time.perf_counter()
 
-    def add(self, nll_sum: torch.Tensor, label_tokens: int, batch: dict[str, torch.Tensor]) -> None:
+    def add(self, nll_sum: torch.Tensor, label_tokens: torch.Tensor | int, batch: dict[str, torch.Tensor]) -> None:
         self.sums[0] += nll_sum.detach().double()
         self.sums[1] += label_tokens
         self.sums[2] += batch["input_ids"].numel()
         self.sums[3] += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
 
     def close(self) -> dict[str, float | None]:
-        """Reduce over ranks, return `train_loss`, `tokens_per_s`, `step_time_s`, and start anew."""
+        """Reduce over ranks, return `train_loss`, `tokens_per_s`, `step_time_s` and zero the sums;
+        the clock stops here (`restart` starts it again once the report is done)."""
         sums = self.sums.clone()
         if self.world > 1:
             dist.all_reduce(sums)
-        nll, labels, tokens, real = sums.tolist()
+        nll, labels, tokens, real = sums.tolist()  # waits for the steps queued on the device
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = {"train_loss": nll / labels if labels > 0 else None,
                "tokens_per_s": tokens / elapsed,  # all ranks, padding included
@@ -45,8 +50,11 @@ class MetricsWindow:
                "step_time_s": elapsed / max(1, self.steps)}
         self.sums.zero_()
         self.steps = 0
-        self.start = time.perf_counter()
         return out
+
+    def restart(self) -> None:
+        """Start timing training steps again (after a report's evaluation, checkpoint and barrier)."""
+        self.start = time.perf_counter()
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from workflows import storage
 from workflows.adapters import AdapterFiles
 from workflows.artifacts import atomic_dir, fingerprint
 from workflows.config import ModelSection, TrainSection
-from workflows.models import load_base
+from workflows.models import attention_implementation, load_base
 from workflows.train.checkpoint import TrainState, load_checkpoint, tensors_digest, trainable_tensors
 from workflows.train.ddp_comm import CommStats, count_broadcasts, ignore_frozen_state, register_counting_hook
 from workflows.train.loop import StepLoop, autocast_dtype
@@ -110,6 +110,7 @@ def run_worker(cfg: WorkerConfig, on_checkpoint: Callable[[], None] | None = Non
         "world_size": world,
         "find_unused_parameters": unused,
         "precision": str(loop.autocast_dtype or torch.float32).removeprefix("torch."),
+        "attn_implementation": model.config._attn_implementation,  # the kernel that ran (the run's manifest)
         "adapter_sha256_per_rank": gather(tensors_digest(trainable_tensors(model)), world),
     }
     if rank == 0:
@@ -125,8 +126,10 @@ def build_model(cfg: WorkerConfig, device: torch.device) -> nn.Module:
     from rank 0 anyway; the frozen base is identical because every rank loads the same files).
     """
     torch.manual_seed(cfg.train.seed)
+    attn = attention_implementation(str(device), packed=bool(cfg.manifest.get("packed")))
     model, _ = load_base(cfg.model.name, task=cfg.model.task, num_labels=cfg.num_labels, dtype=cfg.model.dtype,
-                         revision=cfg.model.revision, device=str(device), pooling=cfg.model.pooling)
+                         revision=cfg.model.revision, device=str(device), pooling=cfg.model.pooling,
+                         attn_implementation=attn)
     if cfg.init_adapter is not None:  # warm start: the saved adapter brings its own LoRA config
         with cfg.init_adapter.materialized() as adapter_dir:
             model = lora_core.load_adapter(model, adapter_dir, trainable=True)
