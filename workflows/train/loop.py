@@ -31,6 +31,7 @@ from ray.train import Checkpoint
 from torch import nn
 
 from workflows.collate import causal_token_nll, collator_for
+from workflows.heads import TASK_SPECS
 from workflows.train.batches import micro_batches
 from workflows.train.checkpoint import TrainState, save_checkpoint, step_seed
 from workflows.train.ddp_comm import CommStats
@@ -48,6 +49,7 @@ class StepLoop:
         self.stats, self.device, self.rank, self.world = stats, device, rank, world
         self.on_checkpoint, self.scaler = on_checkpoint, scaler
         self.causal = cfg.manifest["task"] == "causal_lm"
+        self.per_token = TASK_SPECS[cfg.manifest["task"]].per_token_labels
         self.autocast_dtype = autocast_dtype(self.tc.precision, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.allreduce_per_step: set[int] = set()
@@ -87,11 +89,16 @@ class StepLoop:
         if self.causal:
             nll, mask = causal_token_nll(logits, labels)
             return nll.sum(), int(mask.sum())
+        if self.per_token:  # token_cls: one label per token, -100 where none
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            return loss, int((labels != -100).sum())
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
 
     def _label_tokens(self, group: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         if self.causal:
             count = sum((b["labels"][:, 1:] != -100).sum() for b in group)
+        elif self.per_token:
+            count = sum((b["labels"] != -100).sum() for b in group)
         else:
             count = sum(b["labels"].numel() for b in group)
         return torch.as_tensor(count, dtype=torch.float64, device=self.device).reshape(1)
