@@ -68,6 +68,17 @@ def pooling_of(lineage: dict[str, Any]) -> str:
     return ((lineage.get("config") or {}).get("model") or {}).get("pooling", "default")
 
 
+def task_of_lineage(lineage: dict[str, Any]) -> str:
+    """The task an adapter was trained for, from its loraflow.json ("seq_cls" when absent: predict's
+    first task)."""
+    return ((lineage.get("config") or {}).get("model") or {}).get("task", "seq_cls")
+
+
+def max_seq_len_of(lineage: dict[str, Any], default: int = 512) -> int:
+    """The `data.max_seq_len` an adapter was trained with (its loraflow.json), else `default`."""
+    return int(((lineage.get("config") or {}).get("data") or {}).get("max_seq_len", default))
+
+
 def apply_pooling(model: Any, pooling: str) -> Any:
     return use_mean_pooling(model) if pooling == "mean" else model
 

@@ -316,6 +316,10 @@ def cmd_predict(args) -> int:
         results = predict(args.model, adapter, args.text, device=args.device)
     if args.json:
         _emit_json(results)
+    elif results and "entities" in results[0]:  # token classification: one line per entity
+        print_table([(str(i + 1), e["label"], f"{e['score']:.3f}", f"{e['start']}:{e['end']}", e["text"])
+                     for i, r in enumerate(results) for e in r["entities"]],
+                    header=("text #", "label", "p", "span", "entity"))
     else:
         print_table([(r["label"], f"{r['score']:.3f}", r["text"]) for r in results], header=("label", "p", "text"))
     return EXIT_OK
