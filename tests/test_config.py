@@ -26,7 +26,8 @@ BASE = {"data": {"source": "rows.jsonl", "format": "instruction"}}
 def test_every_example_config_validates():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        assert cfg.data.format in {"instruction", "completion", "chat", "text", "classification"}, path
+        assert cfg.data.format in {"instruction", "completion", "chat", "text", "classification",
+                                   "token_classification"}, path
 
 
 def test_unknown_key_is_named_with_the_file(tmp_path):

@@ -132,7 +132,7 @@ def _summary(manifest: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((name, f"{st['status']:<4} {st['seconds']:>8.1f} s  {st['outputs'].get('dir', '')}"))
     ev = manifest["stages"].get("evaluate", {}).get("outputs", {}).get("metrics", {})
     for model, m in ev.get("models", {}).items():
-        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1") if k in m]
+        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1", "entity_f1") if k in m]
         rows.append((f"eval {model}", ", ".join(f"{k}={_fmt(m[k])}" for k in keys)))
     reg = manifest["stages"].get("register", {}).get("outputs", {})
     if reg:
@@ -187,7 +187,7 @@ def cmd_evaluate_adapter(args) -> int:
         _emit_json(out)
         return EXIT_OK
     models = out["metrics"].get("models", {})
-    keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1")
+    keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1", "entity_f1")
             if any(k in m for m in models.values())]
     print_table([(name, *(_fmt(m.get(k, "")) for k in keys)) for name, m in models.items()],
                 header=("model", *keys))
