@@ -102,12 +102,13 @@ def run_plain(mode: str, prepared_dir: str, epochs: float, lr: float, head_lr: f
             rows = [train[i] for i in idx.tolist()]
             width = max(len(r["input_ids"]) for r in rows)
             ids = torch.full((len(rows), width), tok.pad_token_id)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
             labels = torch.full((len(rows), width), -100)
             for j, r in enumerate(rows):
                 ids[j, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+                mask[j, : len(r["input_ids"])] = 1
                 labels[j, : len(r["labels"])] = torch.tensor(r["labels"])
-            loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long() | (labels != -100).long(),
-                         labels=labels).loss
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
