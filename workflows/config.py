@@ -267,6 +267,9 @@ class PipelineConfig(Section):
         data = getattr(self, name).model_dump(mode="json")
         if name == "model" and data["pooling"] == "default":
             del data["pooling"]  # added later: a config that leaves it alone keeps its fingerprints
+        for key, default in _ADDED_LATER.get(name, {}).items():  # the same for these
+            if key in data and data[key] == default:
+                del data[key]
         return data
 
     def resolve_path(self, path: str) -> str:
@@ -277,6 +280,11 @@ class PipelineConfig(Section):
             return str(Path(path).expanduser())
         base = Path(self.source_path).parent if self.source_path else Path.cwd()
         return str((base / path).resolve())
+
+
+# Keys added after configs were fingerprinted: left at their default, a section hashes as before.
+_ADDED_LATER = {"data": {"tag_scheme": "iob2", "labels": None, "label_all_tokens": False},
+                "train": {"head_lr": None}}
 
 
 class ConfigError(UserError, ValueError):
