@@ -52,7 +52,7 @@ class LoraConfig:
         lora_bias: a trainable bias on B (`lora_B.bias`), scaled like the rest of the branch.
         bias: which base biases train and are saved: "none", "lora_only" (targeted layers) or "all".
         modules_to_save: modules trained in full and saved (a copy; the original stays frozen).
-            For `task_type="SEQ_CLS"`, "classifier" and "score" are added, as PEFT does.
+            For `task_type="SEQ_CLS"` and `"TOKEN_CLS"`, "classifier" and "score" are added, as PEFT does.
         init: A is kaiming-uniform(a=sqrt(5)) or gaussian(std=1/r); B is always zero.
         task_type: PEFT task type ("CAUSAL_LM", "SEQ_CLS", ...); inferred from the model class if None.
         base_model_name_or_path: written into adapter_config.json; the model's `name_or_path` if None.

@@ -101,7 +101,7 @@ def _resolve(model: nn.Module, config: LoraConfig) -> LoraConfig:
     task_type = config.task_type or next(
         (t for suffix, t in _TASK_BY_CLASS_SUFFIX.items() if type(model).__name__.endswith(suffix)), None)
     modules_to_save = list(config.modules_to_save or [])
-    if task_type == "SEQ_CLS":  # PEFT's PeftModelForSequenceClassification does the same
+    if task_type in ("SEQ_CLS", "TOKEN_CLS"):  # PEFT's PeftModelFor{Sequence,Token}Classification do the same
         modules_to_save += [n for n in SEQ_CLS_HEAD_NAMES if n not in modules_to_save]
     resolved = config.replace(task_type=task_type, modules_to_save=modules_to_save or None,
                               base_model_name_or_path=config.base_model_name_or_path

@@ -106,7 +106,7 @@ def output_head_names(model: nn.Module, task_type: str | None) -> set[str]:
     out = get_out() if callable(get_out) else None
     if out is not None:
         heads.append(out)
-    elif task_type == "SEQ_CLS":
+    elif task_type in ("SEQ_CLS", "TOKEN_CLS"):
         heads += [getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 

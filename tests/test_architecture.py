@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = {"artifacts", "config", "storage", "prepared", "models", "heads", "collate", "adapters", "lease", "devices"}
+BASE = {"artifacts", "config", "storage", "prepared", "models", "heads", "collate", "adapters", "lease",
+        "devices", "token_tags"}
 STAGES = {"prepare", "train", "evaluate", "registry"}
 DRIVERS = {"cli", "dag", "pipeline", "preview", "report", "retrain", "tracking", "tune"}
 MAX_LINES = 400

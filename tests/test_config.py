@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.config import ConfigError, load_config
+from workflows.config import ConfigError, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,8 @@ BASE = {"data": {"source": "rows.jsonl", "format": "instruction"}}
 def test_every_example_config_validates():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(path)
-        assert cfg.data.format in {"instruction", "completion", "chat", "text", "classification"}, path
+        assert cfg.data.format in {"instruction", "completion", "chat", "text", "classification",
+                                   "token_classification"}, path
 
 
 def test_unknown_key_is_named_with_the_file(tmp_path):
@@ -118,3 +119,11 @@ def test_cli_init_writes_a_config_that_validates(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = load_config(tmp_path / "starter.yaml")
     assert cfg.registry.name == "my-adapter"
+
+
+def test_token_classification_keys_left_at_their_defaults_keep_old_fingerprints():
+    base = {"data": {"source": "x.jsonl", "format": "classification"}, "model": {"task": "seq_cls"}}
+    cfg = config_from_dict(base)
+    assert "tag_scheme" not in cfg.section("data") and "head_lr" not in cfg.section("train")
+    cfg = config_from_dict({**base, "train": {"head_lr": 0.01}})
+    assert cfg.section("train")["head_lr"] == 0.01

@@ -15,6 +15,8 @@ Output (all int64, B rows, T = longest row, rounded up to `pad_to_multiple_of`):
 - unpacked causal: right-padded `input_ids`, `attention_mask` (1 = token), `labels` (-100 on
   padding, chosen by position: a pad id inside a row keeps its label).
 - classification: right-padded `input_ids`, `attention_mask`, `labels` (B,).
+- token classification: right-padded `input_ids`, `attention_mask`, `labels` (B, T) (-100 on padding),
+  each row cut to `max_len` (eval rows are stored whole; the evaluate stage scores them in windows).
 
 Labels are not shifted: the logits at position t predict `labels[:, t + 1]` (`causal_token_nll`).
 
@@ -146,6 +148,26 @@ class ClassificationCollator:
         }
 
 
+@dataclass(frozen=True)
+class TokenClassificationCollator:
+    """Token-classification batches: right-padded tokens, mask and one label per token (not shifted)."""
+
+    pad_token_id: int
+    max_len: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+        input_ids = [r[: self.max_len] for r in _rows(batch, "input_ids")]
+        labels = [r[: self.max_len] for r in _rows(batch, "labels")]
+        _check_same_lengths(batch, {"input_ids": input_ids, "labels": labels})
+        length = _padded_length(input_ids, self.pad_to_multiple_of)
+        return {
+            "input_ids": torch.from_numpy(_right_pad(input_ids, length, self.pad_token_id)),
+            "attention_mask": torch.from_numpy(_attention_mask(input_ids, length)),
+            "labels": torch.from_numpy(_right_pad(labels, length, IGNORE_INDEX)),
+        }
+
+
 def collator_for(manifest: Mapping[str, Any], split: str, pad_to_multiple_of: int = 1,
                  loss_positions: bool = False) -> Callable[[Batch], dict]:
     """The collator for one split ("train" or "eval") of a prepared dataset, from its manifest.
@@ -162,10 +184,12 @@ def collator_for(manifest: Mapping[str, Any], split: str, pad_to_multiple_of: in
         raise KeyError(f"prepared manifest lacks {e}: expected 'task' and 'tokenizer.pad_token_id'") from None
     if task == "seq_cls":
         return ClassificationCollator(pad_token_id, pad_to_multiple_of)
+    if task == "token_cls":
+        return TokenClassificationCollator(pad_token_id, int(manifest["max_seq_len"]), pad_to_multiple_of)
     if task == "causal_lm":
         packed = bool(manifest.get("packed")) and split == "train"
         return CausalCollator(pad_token_id, packed, pad_to_multiple_of, loss_positions)
-    raise ValueError(f"prepared manifest field 'task' is {task!r}; expected 'causal_lm' or 'seq_cls'")
+    raise ValueError(f"prepared manifest field 'task' is {task!r}; expected 'causal_lm', 'seq_cls' or 'token_cls'")
 
 
 def causal_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ class ModelSection(Section):
     # A built-in offline alias (smollm2-135m, minilm-l6, tiny-llama, tiny-gpt2, tiny-bert),
     # an HF model id, or a local directory.
     name: str = "smollm2-135m"
-    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    task: Literal["causal_lm", "seq_cls", "token_cls"] = "causal_lm"
     # Weights dtype of the frozen base; adapters are always kept in fp32. "auto": bfloat16 where
     # the hardware does bf16 matmuls natively (bf16 GPUs; CPUs with AVX512-BF16 or AMX), float16 on
     # GPUs without bf16 (T4, V100), else float32.
@@ -62,8 +62,8 @@ class DataSection(Section):
     source: str | list[str]
     # Optional separate eval source; otherwise `eval_fraction` of `source` by example hash.
     eval_source: str | list[str] | None = None
-    reader: Literal["auto", "jsonl", "csv", "parquet", "hf"] = "auto"
-    format: Literal["instruction", "completion", "chat", "text", "classification"]
+    reader: Literal["auto", "jsonl", "csv", "parquet", "hf", "conll"] = "auto"
+    format: Literal["instruction", "completion", "chat", "text", "classification", "token_classification"]
     # Maps the format's roles to column names, e.g. {instruction: question, output: answer}.
     # Roles: instruction/input/output, prompt/completion, messages, text, label.
     fields: dict[str, str] = Field(default_factory=dict)
@@ -87,6 +87,12 @@ class DataSection(Section):
     # hf: sources only: read the dataset as a stream (datasets' IterableDataset) instead of from its
     # Arrow files, for data sets that do not fit on disk.
     streaming: bool = False
+    # token_classification: the tag scheme of the input (converted to IOB2); the entity types or tag
+    # names allowed (class ids index this list; a type outside it rejects the row: unknown_tag);
+    # label every sub-token of a word (B- turned into I-), not only the first (Hugging Face run_ner).
+    tag_scheme: Literal["iob2", "iob1", "bioes"] = "iob2"
+    labels: list[str] | None = None
+    label_all_tokens: bool = False
 
 
 _LORA = {f.name: f.default for f in dataclasses.fields(LoraConfig)}  # one source of LoRA defaults
@@ -135,6 +141,9 @@ class TrainSection(Section):
     group_by_length: bool | Literal["auto"] = "auto"
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
+    # Peak lr of the modules trained in full (a classifier head: modules_to_save); None: train.lr. A fresh
+    # token classifier with many rare tags needs more than LoRA's lr, or it predicts O everywhere.
+    head_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -292,6 +301,9 @@ class PipelineConfig(Section):
         data = getattr(self, name).model_dump(mode="json")
         if name == "model" and data["pooling"] == "default":
             del data["pooling"]  # added later: a config that leaves it alone keeps its fingerprints
+        for key, default in _ADDED_LATER.get(name, {}).items():  # the same for these
+            if key in data and data[key] == default:
+                del data[key]
         return data
 
     def resolve_path(self, path: str) -> str:
@@ -302,6 +314,11 @@ class PipelineConfig(Section):
             return str(Path(path).expanduser())
         base = Path(self.source_path).parent if self.source_path else Path.cwd()
         return str((base / path).resolve())
+
+
+# Keys added after configs were fingerprinted: left at their default, a section hashes as before.
+_ADDED_LATER = {"data": {"tag_scheme": "iob2", "labels": None, "label_all_tokens": False},
+                "train": {"head_lr": None}}
 
 
 class ConfigError(UserError, ValueError):

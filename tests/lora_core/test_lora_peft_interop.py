@@ -16,6 +16,7 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertForTokenClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -33,6 +34,9 @@ def tiny(kind: str) -> nn.Module:
     elif kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                            bos_token_id=0, eos_token_id=0))
+    elif kind == "bert-token":  # token classification: the head is trained in full (modules_to_save)
+        model = BertForTokenClassification(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_labels=5))
     else:
         model = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
                                                          num_hidden_layers=2, num_attention_heads=4, num_labels=3))
@@ -63,6 +67,7 @@ CASES = {
     "gpt2-conv1d-lora-only-bias": ("gpt2", LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"],
                                                       bias="lora_only")),
     "bert-classifier": ("bert", LoraConfig(r=4, alpha=8, target_modules=["query", "key", "value"])),
+    "bert-token-classifier": ("bert-token", LoraConfig(r=4, alpha=8, target_modules=["query", "value", "dense"])),
 }
 
 

@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base's weights dtype (default: what the adapter was trained with, else auto)")
     p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
 
-    p = add("predict", "classify texts with a classification adapter", cmd_predict,
+    p = add("predict", "classify texts, or find their entities (token classification), with a classifier adapter",
+            cmd_predict,
             'loraflow predict --model minilm-l6 --adapter banking@champion "my card was declined"')
     p.add_argument("text", nargs="+")
     p.add_argument("--model", default="minilm-l6")

@@ -132,7 +132,7 @@ def _summary(manifest: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((name, f"{st['status']:<4} {st['seconds']:>8.1f} s  {st['outputs'].get('dir', '')}"))
     ev = manifest["stages"].get("evaluate", {}).get("outputs", {}).get("metrics", {})
     for model, m in ev.get("models", {}).items():
-        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1") if k in m]
+        keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1", "entity_f1") if k in m]
         rows.append((f"eval {model}", ", ".join(f"{k}={_fmt(m[k])}" for k in keys)))
     reg = manifest["stages"].get("register", {}).get("outputs", {})
     if reg:
@@ -189,7 +189,7 @@ def cmd_evaluate_adapter(args) -> int:
         _emit_json(out)
         return EXIT_OK
     models = out["metrics"].get("models", {})
-    keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1")
+    keys = [k for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy", "macro_f1", "entity_f1")
             if any(k in m for m in models.values())]
     print_table([(name, *(_fmt(m.get(k, "")) for k in keys)) for name, m in models.items()],
                 header=("model", *keys))
@@ -318,6 +318,10 @@ def cmd_predict(args) -> int:
         results = predict(args.model, adapter, args.text, device=args.device, dtype=args.dtype)
     if args.json:
         _emit_json(results)
+    elif results and "entities" in results[0]:  # token classification: one line per entity
+        print_table([(str(i + 1), e["label"], f"{e['score']:.3f}", f"{e['start']}:{e['end']}", e["text"])
+                     for i, r in enumerate(results) for e in r["entities"]],
+                    header=("text #", "label", "p", "span", "entity"))
     else:
         print_table([(r["label"], f"{r['score']:.3f}", r["text"]) for r in results], header=("label", "p", "text"))
     return EXIT_OK

@@ -7,13 +7,13 @@ version: 1
 
 model:
   name: smollm2-135m        # built-in alias, an HF model id, or a local folder
-  task: causal_lm           # causal_lm | seq_cls (classification)
+  task: causal_lm           # causal_lm | seq_cls (classification) | token_cls (named entities, slot spans)
   dtype: float32            # frozen base weights: float32 | bfloat16 | auto (bf16 where native; adapters stay fp32)
   # pooling: mean           # seq_cls encoders: feed the head the mean of the token states (sentence encoders)
 
 data:
   source: data/train.jsonl  # file, glob, folder, s3://..., or hf:<name>[:<config>][#<split>]; relative to this file
-  format: instruction       # instruction | completion | chat | text | classification
+  format: instruction       # instruction | completion | chat | text | classification | token_classification
   fields:                   # your column names for the format's roles
     instruction: instruction
     input: input
@@ -21,6 +21,10 @@ data:
   max_seq_len: 512
   eval_fraction: 0.05       # held out by a hash of each example: stable as the data grows
   max_reject_fraction: 0.01 # fail if more rows than this are malformed (see rejects/)
+  # token_classification: {text, entities: [{start, end, label}]}, {tokens, tags} or CoNLL files
+  # tag_scheme: iob2        # iob2 | iob1 | bioes (converted to IOB2)
+  # labels: [PER, LOC]      # optional: the entity types (or tag names, for class-id tags) allowed
+  # label_all_tokens: false # label every sub-token of a word, not only its first
 
 lora:
   r: 8
@@ -34,6 +38,7 @@ train:
   batch_size: 4             # per worker
   grad_accum: 1
   lr: 2.0e-4
+  # head_lr: 1.0e-2         # lr of a classifier head trained in full (seq_cls, token_cls); default: lr
   epochs: 1
   log_every: 10
   checkpoint_every: 50

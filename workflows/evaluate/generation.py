@@ -24,7 +24,8 @@ import torch
 from transformers import GenerationConfig
 
 from lora_core import load_adapter
-from workflows.heads import pooling_of
+from workflows.evaluate.token_predict import predict_entities
+from workflows.heads import max_seq_len_of, pooling_of, task_of_lineage
 from workflows.models import load_base
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -235,16 +236,24 @@ def label_names_of(adapter_dir: Path) -> list[str] | None:
 def predict(model_name: str | None, adapter_dir: str | Path, texts: Sequence[str],
             label_names: Sequence[str] | None = None, max_length: int = 512,
             device: str | None = None, dtype: str | None = None) -> list[dict[str, Any]]:
-    """Classify texts with a sequence-classification adapter (base loaded in `load_dtype`).
+    """Classify texts with a sequence-classification adapter, or find their entities with a token-
+    classification one (the task its loraflow.json records); the base is loaded in `load_dtype`.
 
-    Returns one `{"text", "label", "label_id", "score"}` per text (`score` = softmax probability of
-    the predicted class). Label names come from `label_names` or the adapter's loraflow.json.
+    Sequence classification: one `{"text", "label", "label_id", "score"}` per text (`score` = softmax
+    probability of the predicted class). Token classification: one `{"text", "entities": [{"label",
+    "text", "start", "end", "score"}]}` per text (`workflows.evaluate.token_predict`). Label names
+    come from `label_names` or the adapter's loraflow.json.
     """
     adapter_dir = Path(adapter_dir)
     names = list(label_names) if label_names else label_names_of(adapter_dir)
     if not names:
         raise ValueError(f"{adapter_dir / 'loraflow.json'} has no label_names; pass label_names explicitly")
     device = device or default_device()
+    meta = _adapter_meta(adapter_dir)
+    if task_of_lineage(meta) == "token_cls":
+        model, tokenizer, _ = _load(model_name, adapter_dir, task="token_cls", num_labels=len(names), device=device,
+                                    dtype=dtype)
+        return predict_entities(model, tokenizer, list(texts), names, max_seq_len_of(meta, max_length), device)
     model, tokenizer, _ = _load(model_name, adapter_dir, task="seq_cls", num_labels=len(names), device=device,
                                 dtype=dtype)
     enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")

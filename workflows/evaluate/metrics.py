@@ -14,25 +14,39 @@ from typing import Any
 
 import numpy as np
 
+from workflows.evaluate.entity_metrics import decode_tags, per_type
+
 Columns = Mapping[str, np.ndarray]  # one model's rows, aligned by example_id across models
 
 # metric -> (numerator column, denominator column or None for "one per example")
 _CAUSAL_RATIOS = {"loss": ("loss_sum", "tokens"), "token_accuracy": ("correct_tokens", "tokens")}
 _GENERATION_RATIOS = {"exact_match": ("exact_match", "generated"), "normalized_match": ("normalized_match", "generated")}
 _CLASS_RATIOS = {"loss": ("loss", None), "accuracy": ("correct", None)}
+# token classification: strict entities at word level (`entity_metrics`); F1 = 2 tp / (pred + gold)
+_TOKEN_RATIOS = {"loss": ("loss_sum", "tokens"), "token_accuracy": ("correct_words", "words"),
+                 "entity_precision": ("entity_tp", "entities_pred"), "entity_recall": ("entity_tp", "entities_gold"),
+                 "entity_f1": ("2*entity_tp", "entities_pred+entities_gold")}
+_RATIOS = {"causal_lm": _CAUSAL_RATIOS, "seq_cls": _CLASS_RATIOS, "token_cls": _TOKEN_RATIOS}
+
+
+def _column(rows: Columns, expr: str) -> np.ndarray:
+    """A column, a sum of columns ("a+b") or a multiple of one ("2*a")."""
+    factor, _, names = expr.rpartition("*")
+    total = sum(np.asarray(rows[name], dtype=np.float64) for name in names.split("+"))
+    return total * (float(factor) if factor else 1.0)
 
 
 def _ratios(task: str, rows: Columns) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     n = len(next(iter(rows.values())))
-    spec = dict(_CAUSAL_RATIOS if task == "causal_lm" else _CLASS_RATIOS)
+    spec = dict(_RATIOS[task])
     if task == "causal_lm" and np.asarray(rows["generated"]).any():
         spec.update(_GENERATION_RATIOS)
     out = {}
     for metric, (num, den) in spec.items():
-        num_v = np.asarray(rows[num], dtype=np.float64)
+        num_v = _column(rows, num)
         if den == "generated":  # a match counts only where generation ran
             num_v = num_v * np.asarray(rows["generated"], dtype=np.float64)
-        den_v = np.ones(n) if den is None else np.asarray(rows[den], dtype=np.float64)
+        den_v = np.ones(n) if den is None else _column(rows, den)
         out[metric] = (num_v, den_v)
     return out
 
@@ -66,6 +80,8 @@ def aggregate(task: str, rows: Columns, label_names: list[str] | None = None) ->
         if "exact_match" in out:
             out["generated"] = int(np.asarray(rows["generated"]).sum())
         return out
+    if task == "token_cls":
+        return out | token_report(rows, label_names or [])
     labels, preds = np.asarray(rows["label"], dtype=np.int64), np.asarray(rows["pred"], dtype=np.int64)
     classes = max(len(label_names or []), int(labels.max(initial=0)) + 1, int(preds.max(initial=0)) + 1)
     out["macro_f1"] = float(_macro_f1(np.ones((1, n)), labels, preds, classes)[0])
@@ -84,7 +100,7 @@ def paired_bootstrap(task: str, a: Columns, b: Columns, samples: int, seed: int 
     n = len(a["example_id"])
     ra, rb = _ratios(task, a), _ratios(task, b)
     metrics = [m for m in ra if m in rb]
-    extra = ["perplexity"] if task == "causal_lm" else ["macro_f1"]
+    extra = {"causal_lm": ["perplexity"], "seq_cls": ["macro_f1"]}.get(task, [])
     full = _resampled(task, ra, rb, a, b, metrics, np.ones((1, n)))
     result = {m: {"value": float(full[m][0])} for m in metrics + extra}
     if samples <= 0 or n == 0:
@@ -113,9 +129,19 @@ def _resampled(task, ra, rb, a, b, metrics, w) -> dict[str, np.ndarray]:
             loss_a = (w @ ra["loss"][0]) / (w @ ra["loss"][1])
             loss_b = (w @ rb["loss"][0]) / (w @ rb["loss"][1])
             out["perplexity"] = np.exp(loss_a) - np.exp(loss_b)
-        else:
+        elif task == "seq_cls":
             la, lb = np.asarray(a["label"], dtype=np.int64), np.asarray(b["label"], dtype=np.int64)
             pa, pb = np.asarray(a["pred"], dtype=np.int64), np.asarray(b["pred"], dtype=np.int64)
             classes = int(max(la.max(initial=0), pa.max(initial=0), pb.max(initial=0))) + 1
             out["macro_f1"] = _macro_f1(w, la, pa, classes) - _macro_f1(w, lb, pb, classes)
     return out
+
+
+def token_report(rows: Columns, label_names: list[str]) -> dict[str, Any]:
+    """Entity and word counts, and seqeval's per-type report (support, predicted, correct, P, R, F1)."""
+    gold = [decode_tags(g, label_names) for g in rows["gold_tags"]]
+    pred = [decode_tags(p, label_names) for p in rows["pred_tags"]]
+    sums = {k: int(np.asarray(rows[k]).sum()) for k in ("entities_gold", "entities_pred", "entity_tp", "words")}
+    return {"entities": {"gold": sums["entities_gold"], "predicted": sums["entities_pred"],
+                         "correct": sums["entity_tp"]},
+            "words": sums["words"], "tokens": int(np.asarray(rows["tokens"]).sum()), "per_type": per_type(gold, pred)}

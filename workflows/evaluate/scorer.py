@@ -12,6 +12,9 @@ Output: one row per (example, model) with the sums from which every aggregate is
     causal:   example_id, model, loss_sum (float64, nats), tokens, correct_tokens,
               generated (bool), prediction (str), exact_match (bool), normalized_match (bool)
     seq_cls:  example_id, model, label, pred, loss (float64, nats), correct (bool)
+    token_cls: example_id, model, loss_sum (float64, nats, over labelled tokens), tokens, words,
+              correct_words, entity_tp, entities_pred, entities_gold, gold_tags, pred_tags (class ids
+              per word, space-separated); every word scored (long rows in windows, `token_scoring`)
     both:     tokens_in (the row's tokens), padded_to (the width of the forward it was in), actor (str),
               base_loads (int: how many times this actor loaded the base; always 1), gpus (float: the
               GPUs Ray assigned the actor)
@@ -36,8 +39,11 @@ import torch.nn.functional as F
 import lora_core
 from workflows.adapters import AdapterFiles
 from workflows.collate import IGNORE_INDEX, collator_for
+from workflows.evaluate.entity_metrics import row_counts
 from workflows.evaluate.generation import exact_match, greedy_generate, normalized_match
+from workflows.evaluate.token_scoring import token_logits
 from workflows.models import load_base
+from workflows.token_tags import first_subtokens
 
 BASE, NEW, CHAMPION = "base", "new", "champion"
 
@@ -49,7 +55,7 @@ class ScorerSpec:
     when `score_base`."""
 
     model_name: str
-    task: str  # "causal_lm" | "seq_cls"
+    task: str  # "causal_lm" | "seq_cls" | "token_cls"
     manifest: dict[str, Any]
     adapters: dict[str, AdapterFiles]
     score_base: bool = True
@@ -143,9 +149,13 @@ class EvalScorer:
             with self._active(key):
                 for rows in chunks:
                     sub = {name: column[rows] for name, column in batch.items()}
-                    tensors = {k: v.to(self.device) for k, v in self.collate(sub).items()}
-                    scored = self._score_causal(tensors) if self.spec.task == "causal_lm" else self._score_classes(tensors)
-                    width = tensors["input_ids"].shape[1]
+                    if self.spec.task == "token_cls":
+                        scored, width = self._score_tokens(sub)
+                    else:
+                        tensors = {k: v.to(self.device) for k, v in self.collate(sub).items()}
+                        scored = (self._score_causal(tensors) if self.spec.task == "causal_lm"
+                                  else self._score_classes(tensors))
+                        width = tensors["input_ids"].shape[1]
                     parts.append({"example_id": ids[rows], "model": np.full(len(rows), key, dtype=object),
                                   "tokens_in": lengths[rows], "padded_to": np.full(len(rows), width), **scored})
                 if self.spec.task == "causal_lm":
@@ -209,6 +219,36 @@ class EvalScorer:
         loss = F.cross_entropy(logits, labels, reduction="none").double()
         return {"label": labels.cpu().numpy(), "pred": pred.cpu().numpy(), "loss": loss.cpu().numpy(),
                 "correct": (pred == labels).cpu().numpy()}
+
+
+    def _score_tokens(self, sub: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        names = self.spec.manifest["label_names"]
+        rows = [(np.asarray(i).tolist(), np.asarray(w).tolist()) for i, w in zip(sub["input_ids"], sub["word_ids"])]
+        logits, width = token_logits(self.model, rows, int(self.spec.manifest["max_seq_len"]),
+                                     self.tokenizer.pad_token_id, self.spec.batch_size, self.device)
+        cols: dict[str, list] = {k: [] for k in ("loss_sum", "tokens", "gold_tags", "pred_tags", "words", "correct_words",
+                                                 "entity_tp", "entities_pred", "entities_gold")}
+        for (_, word_ids), row_logits, labels, gold in zip(rows, logits, sub["labels"], sub["word_labels"]):
+            labels, gold = np.asarray(labels, dtype=np.int64), np.asarray(gold, dtype=np.int64)
+            scored = labels != IGNORE_INDEX
+            logp = torch.log_softmax(torch.from_numpy(row_logits[scored]).double(), -1)
+            cols["loss_sum"].append(float(-logp[np.arange(int(scored.sum())), labels[scored]].sum()))
+            cols["tokens"].append(int(scored.sum()))
+            pred = word_predictions(row_logits, word_ids, len(gold))
+            for k, v in row_counts([names[i] for i in gold], [names[i] for i in pred]).items():
+                cols[k].append(v)
+            cols["gold_tags"].append(" ".join(map(str, gold)))
+            cols["pred_tags"].append(" ".join(map(str, pred)))
+        out = {k: np.array(v, dtype=object if k.endswith("_tags") else None) for k, v in cols.items()}
+        return out, width
+
+
+def word_predictions(logits: np.ndarray, word_ids: list[int], words: int) -> list[int]:
+    """The argmax class of each word at its first sub-token (0, i.e. O, for a word with no token)."""
+    pred = [0] * words
+    for t in reversed(first_subtokens(word_ids)):
+        pred[word_ids[t]] = int(logits[t].argmax())
+    return pred
 
 
 def default_threads(actors: int) -> int:

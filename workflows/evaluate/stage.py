@@ -43,7 +43,8 @@ from workflows.evaluate.scorer import BASE, CHAMPION, NEW, EvalScorer, ScorerSpe
 from workflows.prepared import PreparedData, PreparedDataError
 
 _INPUT_COLUMNS = {"causal_lm": ["input_ids", "labels", "example_id", "prompt_len", "reference"],
-                  "seq_cls": ["input_ids", "label", "example_id"]}
+                  "seq_cls": ["input_ids", "label", "example_id"],
+                  "token_cls": ["input_ids", "labels", "example_id", "word_ids", "word_labels"]}
 
 
 ACTOR_START_TIMEOUT_S = 600  # loading a base model on a busy node can take minutes

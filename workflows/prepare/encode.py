@@ -8,7 +8,10 @@ per bucket (`workflows.prepare.finalize`).
 Output columns (`encoded_schema(task)`): `kind`, `reason`, `detail`, `source`, `row`, `raw`
 (rejects only, first 2,000 characters), `example_id`, `input_ids` (list<int32>), `truncated`,
 `num_tokens`, and per task: causal `labels`, `prompt_len`, `reference`, `num_trained`;
-classification `label_name`, `text`.
+classification `label_name`, `text`; token classification `word_ids` (per token: its word, -1 for
+special tokens), `word_tags` (IOB2 per word), `text`, `word_starts`/`word_ends` (characters), `num_trained`.
+Token classification's eval rows keep every token (evaluation runs long rows in windows); its train
+rows are truncated to `max_seq_len` (counted).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from workflows.prepare.formats import (
     parse_record,
     reference_text,
 )
+from workflows.prepare.token_format import canonical_token_example, encode_words, truncate_tokens
 
 RAW_PREVIEW_CHARS = 2000
 
@@ -38,10 +42,13 @@ _COMMON = [("kind", pa.string()), ("reason", pa.string()), ("detail", pa.string(
 _CAUSAL = [("labels", pa.list_(pa.int32())), ("prompt_len", pa.int32()), ("reference", pa.string()),
            ("num_trained", pa.int32())]
 _CLASSIFICATION = [("label_name", pa.string()), ("text", pa.string())]
+_TOKENS = [("word_ids", pa.list_(pa.int32())), ("word_tags", pa.list_(pa.string())), ("text", pa.string()),
+           ("word_starts", pa.list_(pa.int32())), ("word_ends", pa.list_(pa.int32())), ("num_trained", pa.int32())]
+_TASK_COLUMNS = {"causal_lm": _CAUSAL, "seq_cls": _CLASSIFICATION, "token_cls": _TOKENS}
 
 
 def encoded_schema(task: str) -> pa.Schema:
-    return pa.schema(_COMMON + (_CLASSIFICATION if task == "seq_cls" else _CAUSAL))
+    return pa.schema(_COMMON + _TASK_COLUMNS[task])
 
 
 def eval_side(example_hash: str, seed: int, eval_fraction: float) -> bool:
@@ -74,8 +81,10 @@ class EncodeExamples:
                 if error:
                     reason, _, detail = error.partition(": ")
                     raise RowError(reason, detail or "rejected while reading")
-                example = canonical_example(parse_record(raw), self.data.format, self.data.fields,
-                                            self.data.system_prompt)
+                record = parse_record(raw)
+                example = (canonical_token_example(record, self.data.fields, self.data.labels, self.data.tag_scheme)
+                           if self.task == "token_cls" else
+                           canonical_example(record, self.data.format, self.data.fields, self.data.system_prompt))
             except RowError as e:
                 self._reject(columns, source, row, raw, e)
                 continue
@@ -83,6 +92,8 @@ class EncodeExamples:
             kept.append((origin, source, row, raw))
         if self.task == "seq_cls":
             self._add_classification(columns, examples, kept)
+        elif self.task == "token_cls":
+            self._add_tokens(columns, examples, kept)
         else:
             self._add_causal(columns, examples, kept)
         return pa.Table.from_pydict(columns, schema=self.schema)
@@ -129,3 +140,22 @@ class EncodeExamples:
                 "kind": self._kind(origin, ex_id), "source": source, "row": row, "example_id": ex_id,
                 "input_ids": tokens, "label_name": example["label"], "text": example["text"],
                 "truncated": cut, "num_tokens": len(tokens)})
+
+    def _add_tokens(self, columns: dict[str, list], examples: list[dict], kept: list[tuple]) -> None:
+        max_len = self.data.max_seq_len
+        for example, (origin, source, row, raw), enc in zip(examples, kept, encode_words(self.tokenizer, examples)):
+            ex_id = example_id({"text": example["text"], "tags": example["tags"]})
+            kind = self._kind(origin, ex_id)
+            too_long = len(enc.input_ids) > max_len
+            if too_long and not self.data.truncate:
+                self._reject(columns, source, row, raw, RowError(
+                    "too_long", f"{len(enc.input_ids)} tokens > max_seq_len {max_len} (data.truncate is off)"))
+                continue
+            if kind == "train":  # eval keeps every token: evaluation scores long rows in windows
+                enc = truncate_tokens(enc, max_len)
+            words = sum(1 for t, w in enumerate(enc.word_ids) if w >= 0 and (t == 0 or enc.word_ids[t - 1] != w))
+            self._append(columns, {
+                "kind": kind, "source": source, "row": row, "example_id": ex_id, "input_ids": enc.input_ids,
+                "word_ids": enc.word_ids, "word_tags": example["tags"], "text": example["text"],
+                "word_starts": [s for s, _ in example["words"]], "word_ends": [e for _, e in example["words"]],
+                "truncated": too_long and kind == "train", "num_tokens": len(enc.input_ids), "num_trained": words})

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from workflows import storage
 from workflows.prepare.packing import pack_table, with_positions
 from workflows.prepare.stats import digest_rows, label_ids
+from workflows.token_tags import inside_ids, token_labels
 
 PACK_WINDOW = 2048  # examples per packing window: more packs tighter, costs memory
 LIST_I32 = pa.list_(pa.int32())
@@ -42,6 +43,11 @@ SCHEMAS["causal_lm", "eval"] = pa.schema([*SCHEMAS["causal_lm", "train"], ("exam
                                           ("prompt_len", pa.int32()), ("reference", pa.string())])
 SCHEMAS["seq_cls", "eval"] = pa.schema([*SCHEMAS["seq_cls", "train"], ("example_id", pa.string()),
                                         ("text", pa.string())])
+# token_cls eval rows are whole (never truncated) and keep their words, to be scored word by word.
+SCHEMAS["token_cls", "train"] = pa.schema([("input_ids", LIST_I32), ("labels", LIST_I32)])
+SCHEMAS["token_cls", "eval"] = pa.schema([*SCHEMAS["token_cls", "train"], ("example_id", pa.string()),
+                                          ("word_ids", LIST_I32), ("word_labels", LIST_I32), ("text", pa.string()),
+                                          ("word_starts", LIST_I32), ("word_ends", LIST_I32)])
 
 
 def bucket_of(example_id: str, buckets: int) -> int:
@@ -58,12 +64,13 @@ class BucketPlan:
     """What every bucket task needs (it travels to the task)."""
 
     root: str  # the stage's output root: a local path or a store URI
-    task: str  # causal_lm | seq_cls
+    task: str  # causal_lm | seq_cls | token_cls
     packed: bool
     max_seq_len: int
     seed: int
     dedupe: bool
     label_names: list[str] | None
+    label_all_tokens: bool = False  # token_cls: every sub-token labelled, not only a word's first
 
 
 def staged(root: str, bucket: int) -> str:
@@ -125,6 +132,8 @@ def _dedupe(rows: dict[str, pa.Table | None]) -> tuple[dict[str, pa.Table | None
 
 
 def _final_rows(plan: BucketPlan, split: str, table: pa.Table) -> pa.Table:
+    if plan.task == "token_cls":
+        return _token_rows(plan, split, table)
     if plan.task == "seq_cls":
         ids = label_ids(table.column("label_name"), plan.label_names)
         out = pa.table({"input_ids": table.column("input_ids"), "label": ids})
@@ -138,6 +147,21 @@ def _final_rows(plan: BucketPlan, split: str, table: pa.Table) -> pa.Table:
     windows = [pack_table(table.slice(i, PACK_WINDOW).select(["input_ids", "labels"]), plan.max_seq_len)
                for i in range(0, table.num_rows, PACK_WINDOW)]
     return pa.concat_tables(windows)
+
+
+def _token_rows(plan: BucketPlan, split: str, table: pa.Table) -> pa.Table:
+    """Word tags to class ids, and token labels aligned as `workflows.token_tags.token_labels` says."""
+    index = {t: i for i, t in enumerate(plan.label_names or [])}
+    inside = inside_ids(plan.label_names or [])
+    word_labels = [[index[t] for t in tags] for tags in table.column("word_tags").to_pylist()]
+    labels = [token_labels(w, tags, inside, plan.label_all_tokens)
+              for w, tags in zip(table.column("word_ids").to_pylist(), word_labels)]
+    out = {"input_ids": table.column("input_ids"), "labels": pa.array(labels, LIST_I32)}
+    if split == "eval":
+        out |= {"example_id": table.column("example_id"), "word_ids": table.column("word_ids"),
+                "word_labels": pa.array(word_labels, LIST_I32), "text": table.column("text"),
+                "word_starts": table.column("word_starts"), "word_ends": table.column("word_ends")}
+    return pa.table(out).cast(SCHEMAS[plan.task, split])
 
 
 def cap_eval(plan: BucketPlan, bucket: int, threshold: str) -> dict[str, Any]:

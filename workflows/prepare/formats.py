@@ -250,7 +250,7 @@ class ExampleEncoder:
             raise ValueError(f"data.template is 'chat' but tokenizer {tokenizer.name_or_path!r} has no chat "
                              "template; use template: plain (or auto)")
         self.use_chat_template = has_template and template != "plain"
-        if tokenizer.eos_token_id is None and fmt != "classification":
+        if tokenizer.eos_token_id is None and fmt not in ("classification", "token_classification"):
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end responses with")
 
     def encode_causal(self, examples: list[Mapping[str, Any]]) -> list[Encoded | RowError]:

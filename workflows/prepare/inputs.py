@@ -37,7 +37,7 @@ from workflows.artifacts import canonical_json, is_uri, sha256_file_cached
 from workflows.config import ConfigError, PipelineConfig
 
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv",
-               ".parquet": "parquet", ".arrow": "arrow"}
+               ".parquet": "parquet", ".arrow": "arrow", ".conll": "conll", ".txt": "conll"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 
 class SourceError(ConfigError):
@@ -58,7 +58,7 @@ def _reader_for(path: str, reader: str) -> str:
     kind = _EXTENSIONS.get(Path(uncompressed_name(path)).suffix)
     if kind is None:
         raise SourceError(f"{path}: cannot tell the format from the extension; set data.reader "
-                          f"(one of jsonl, csv, parquet, hf)")
+                          f"(one of jsonl, csv, parquet, hf, conll)")
     return kind
 
 

@@ -6,7 +6,7 @@ Every reader yields the same block schema, one row per input record:
 |----------|--------|---------|
 | `origin` | string | "train" or "eval" (which of `data.source` / `data.eval_source` it came from) |
 | `source` | string | the file it was read from; for a streamed HF dataset, its pinned `hf:` spec |
-| `row`    | int64  | JSONL: 1-based line number; CSV: line where the record starts (the header is line 1); Parquet / HF Arrow: 1-based record index; streamed HF dataset: 1-based index in the stream |
+| `row`    | int64  | JSONL: 1-based line number; CSV: line where the record starts (the header is line 1); CoNLL: line of the sentence's first word; Parquet / HF Arrow: 1-based record index; streamed HF dataset: 1-based index in the stream |
 | `raw`    | binary | the record as JSON bytes (JSONL: the line exactly as stored) |
 | `error`  | string | null, or a reject reason found while reading (`invalid_utf8`, `malformed_csv`, `too_long`) |
 
@@ -93,7 +93,7 @@ class RecordsDatasource(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         kind = self._kinds.get(path) or next(k for p, k in self._kinds.items() if p.endswith(path))
         reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": self._parquet_records,
-                  "arrow": _arrow_records}[kind]
+                  "arrow": _arrow_records, "conll": conll_records}[kind]
         yield from _blocks(_BlockBuilder(self._origin, path), reader(f, path))
 
     def _parquet_records(self, f: pa.NativeFile, path: str) -> Iterator[tuple[int, bytes, str | None]]:
@@ -293,3 +293,38 @@ def _table_records(batches: Any) -> Iterator[tuple[int, bytes, None]]:
         for record in batch.to_pylist():
             row += 1
             yield row, json.dumps(record, ensure_ascii=False, default=str).encode(), None
+
+
+def conll_records(f: Any, path: str) -> Iterator[tuple[int, bytes, str | None]]:
+    """CoNLL column files (`.conll`, `.txt`): one word per line, its tag in the last column, a blank
+    line between sentences, `-DOCSTART-` lines skipped. Each sentence becomes `{"tokens", "tags"}`
+    (the words-with-tags shape of `data.format: token_classification`). A line with one column only
+    makes that sentence a `length_mismatch` reject."""
+    text = io.TextIOWrapper(io.BufferedReader(f), encoding="utf-8", errors="surrogateescape", newline=None)
+    tokens: list[str] = []
+    tags: list[str] = []
+    start, short = 0, None
+
+    def sentence() -> tuple[int, bytes, str | None]:
+        raw = json.dumps({"tokens": tokens, "tags": tags}, ensure_ascii=False).encode("utf-8", "surrogateescape")
+        if any("\udc80" <= ch <= "\udcff" for ch in "".join(tokens + tags)):
+            return start, raw, "invalid_utf8"
+        if short is not None:
+            return start, raw, f"length_mismatch: line {short} has a word but no tag column"
+        return start, raw, None
+
+    for line_no, line in enumerate(text, 1):
+        columns = line.split()
+        if not columns or columns[0] == "-DOCSTART-":
+            if tokens:
+                yield sentence()
+            tokens, tags, short = [], [], None
+            continue
+        if not tokens:
+            start = line_no
+        if len(columns) < 2 and short is None:
+            short = line_no
+        tokens.append(columns[0])
+        tags.append(columns[-1] if len(columns) > 1 else "")
+    if tokens:
+        yield sentence()

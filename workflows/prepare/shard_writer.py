@@ -32,6 +32,8 @@ STAGED_COLUMNS = {  # what phase 2 needs of a train/eval row
     "causal_lm": ["example_id", "input_ids", "labels", "prompt_len", "reference", "num_tokens", "num_trained",
                   "truncated"],
     "seq_cls": ["example_id", "input_ids", "label_name", "text", "num_tokens", "truncated"],
+    "token_cls": ["example_id", "input_ids", "word_ids", "word_tags", "text", "word_starts", "word_ends",
+                  "num_tokens", "num_trained", "truncated"],
 }
 
 
@@ -87,6 +89,9 @@ def _summary(table: pa.Table) -> dict[str, Any]:
     if "label_name" in table.column_names:
         kept = pa.array([k in ("train", "eval") for k in kinds])
         summary["labels"] = dict(Counter(table.column("label_name").filter(kept).to_pylist()))
+    if "word_tags" in table.column_names:  # token classification: the tags of kept rows' words
+        kept = pa.array([k in ("train", "eval") for k in kinds])
+        summary["labels"] = dict(Counter(pc.list_flatten(table.column("word_tags").filter(kept)).to_pylist()))
     return summary
 
 

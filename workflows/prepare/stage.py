@@ -35,6 +35,7 @@ import ray
 from workflows import __version__, storage
 from workflows.artifacts import UserError, redact
 from workflows.config import PipelineConfig
+from workflows.heads import task_of_format
 from workflows.models import load_tokenizer, tokenizer_fingerprint
 from workflows.prepare.encode import EncodeExamples
 from workflows.prepare.finalize import BucketPlan, cap_eval, finalize_bucket, write_empty
@@ -44,6 +45,7 @@ from workflows.prepare.read_records import read_datasets
 from workflows.prepare.shard_writer import BucketedShardWriter, merge_summaries
 from workflows.prepare.stats import combine_digests, label_vocabulary, merge_tokens, token_summary
 from workflows.prepared import PreparedData
+from workflows.token_tags import tag_vocabulary, types_of
 
 BUCKET_INPUT_BYTES = 64 * 2**20  # raw input per bucket: what bounds a bucket task's memory
 
@@ -53,7 +55,7 @@ class PrepareError(UserError, RuntimeError):
 
 
 def task_of(config: PipelineConfig) -> str:
-    return "seq_cls" if config.data.format == "classification" else "causal_lm"
+    return task_of_format(config.data.format)
 
 
 def _check_config(config: PipelineConfig) -> None:
@@ -61,7 +63,7 @@ def _check_config(config: PipelineConfig) -> None:
     if config.model.task != task:
         raise ValueError(f"data.format {config.data.format!r} needs model.task {task!r}, "
                          f"but the config has model.task {config.model.task!r}")
-    if config.data.pack and task == "seq_cls":
+    if config.data.pack and task != "causal_lm":
         raise ValueError("data.pack: true is for causal LM formats; classification rows are never packed")
 
 
@@ -164,8 +166,9 @@ def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = N
         digest = _check_input_unchanged(config, planned_digest)
         stats = merge_summaries(summaries)
         _check_reject_fraction(stats, data.max_reject_fraction, root, f"{str(out).rstrip('/')}.rejects")
-        labels = label_vocabulary(stats["labels"]) if task == "seq_cls" else None
-        plan = BucketPlan(root, task, packed, data.max_seq_len, data.seed, data.dedupe, labels)
+        labels = (label_vocabulary(stats["labels"]) if task == "seq_cls" else
+                  tag_vocabulary(types_of(data.labels or sorted(stats["labels"]))) if task == "token_cls" else None)
+        plan = BucketPlan(root, task, packed, data.max_seq_len, data.seed, data.dedupe, labels, data.label_all_tokens)
         results = _finalize(plan, buckets, data.max_eval_rows)
         storage.delete_dir(storage.join(root, "_staging"))
         shards = _shards(root, task, results)

@@ -38,6 +38,7 @@ from torch import nn
 
 from workflows.collate import collator_for, label_token_nll
 from workflows.devices import native_bf16
+from workflows.heads import TASK_SPECS
 from workflows.train.batches import micro_batches
 from workflows.train.checkpoint import TrainState, save_checkpoint, step_seed
 from workflows.train.ddp_comm import CommStats
@@ -55,6 +56,7 @@ class StepLoop:
         self.stats, self.device, self.rank, self.world = stats, device, rank, world
         self.on_checkpoint, self.scaler = on_checkpoint, scaler
         self.causal = cfg.manifest["task"] == "causal_lm"
+        self.per_token = TASK_SPECS[cfg.manifest["task"]].per_token_labels
         self.autocast_dtype = autocast_dtype(self.tc.precision, device)
         # transformers 5 causal LMs compute logits only at the positions asked for (`logits_to_keep`).
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -103,11 +105,16 @@ class StepLoop:
         if self.causal:
             targets = batch["loss_targets"]
             return label_token_nll(logits, targets), (targets != -100).sum()
+        if self.per_token:  # token_cls: one label per token, -100 where none
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            return loss, (labels != -100).sum()
         return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()
 
     def _label_tokens(self, group: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         if self.causal:
             count = sum((b["labels"][:, 1:] != -100).sum() for b in group)
+        elif self.per_token:
+            count = sum((b["labels"] != -100).sum() for b in group)
         else:
             count = sum(b["labels"].numel() for b in group)
         return torch.as_tensor(count, dtype=torch.float64, device=self.device).reshape(1)

@@ -37,6 +37,7 @@ from workflows import __version__, storage
 from workflows.adapters import AdapterFiles
 from workflows.artifacts import UserError, atomic_write_json, is_uri, redact, stage_output
 from workflows.config import PipelineConfig, TrainSection
+from workflows.heads import has_head
 from workflows.models import base_identity, load_tokenizer, tokenizer_fingerprint
 from workflows.prepared import PreparedData, PreparedDataError
 from workflows.train.worker import WorkerConfig, train_loop_per_worker, train_loop_to_store
@@ -96,7 +97,7 @@ def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: 
     worker = WorkerConfig(
         model=config.model, lora=lora_config(config, identity), train=config.train,
         manifest=prepared.manifest, run_dir=str(run_dir), total_steps=total_steps,
-        num_labels=len(prepared.manifest["label_names"]) if prepared.task == "seq_cls" else None,
+        num_labels=len(prepared.manifest["label_names"]) if has_head(prepared.task) else None,
         init_adapter=init_adapter, base_identity=identity, lineage=_lineage(config, prepared, run_dir),
         has_eval=_rows(prepared.eval_files) > 0)
     datasets = train_datasets(prepared, tc)
@@ -179,7 +180,7 @@ def check_prepared(config: PipelineConfig, prepared: PreparedData) -> None:
     missing = [str(f) for f in prepared.train_files + prepared.eval_files if not storage.exists(f)]
     if missing:
         raise PreparedDataError(f"{where}: manifest field 'shards' names files that do not exist: {missing[:3]}")
-    if config.model.task == "seq_cls" and not manifest.get("label_names"):
+    if has_head(config.model.task) and not manifest.get("label_names"):
         raise PreparedDataError(f"{where}: manifest field 'label_names' is empty; a classifier needs its labels")
 
 

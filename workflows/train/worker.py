@@ -61,6 +61,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return run_worker(loop_config["worker"])
 
 
+def param_groups(model: torch.nn.Module, lr: float, head_lr: float | None) -> list[dict[str, Any]]:
+    """The trainable parameters; with `head_lr`, the modules trained in full (`modules_to_save`: a
+    classifier head) in a group of their own at that lr."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if head_lr is None:
+        return [{"params": [p for _, p in params]}]
+    head = [p for n, p in params if ".modules_to_save." in f".{n}"]
+    rest = [p for n, p in params if ".modules_to_save." not in f".{n}"]
+    return [g for g in ({"params": rest}, {"params": head, "lr": head_lr}) if g["params"]]
+
+
 def run_worker(cfg: WorkerConfig, on_checkpoint: Callable[[], None] | None = None) -> dict[str, Any]:
     tc = cfg.train
     ctx = ray.train.get_context()
@@ -76,8 +87,7 @@ def run_worker(cfg: WorkerConfig, on_checkpoint: Callable[[], None] | None = Non
     with count_broadcasts(stats):
         ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
     register_counting_hook(ddp, stats, tc.grad_compression)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.schedule, tc.warmup_steps, cfg.total_steps))
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype(tc.precision, device) == torch.float16 else None
 
