@@ -1,0 +1,256 @@
+"""`loraflow`: the command line. It only parses, calls and prints; the work lives in the stages and
+drivers (`workflows.cli.commands` holds what each command does). All argparse lives here.
+
+Exit codes a scheduler can act on: 0 success (or "no change" for retrain), 1 a stage failed,
+2 a bad config or bad arguments (nothing ran), 3 promotion refused by the gate (retrain --strict),
+4 another run holds the lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+import traceback
+
+from workflows import __version__
+from workflows.artifacts import UserError
+from workflows.cli.commands import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    cmd_dag,
+    cmd_evaluate_adapter,
+    cmd_generate,
+    cmd_init,
+    cmd_jobs,
+    cmd_predict,
+    cmd_preview,
+    cmd_registry,
+    cmd_retrain,
+    cmd_run,
+    cmd_submit,
+    cmd_tune,
+    cmd_validate,
+    reserve_stdout_for_json,
+)
+from workflows.ops.submission import COMMANDS, DEFAULT_SHIP_LIMIT_BYTES
+
+DEFAULT_REGISTRY = os.environ.get("LORAFLOW_REGISTRY", "~/.cache/loraflow/registry")
+
+EPILOG = textwrap.dedent("""\
+    examples:
+      loraflow init my.yaml                       write a commented starter config
+      loraflow validate my.yaml                   check a config without running anything
+      loraflow dag my.yaml                        show each stage's cache status (dry run)
+      loraflow run configs/demo.yaml              run prepare -> train -> evaluate -> register
+      loraflow run my.yaml --set train.lr=1e-4    override any key
+      loraflow run my.yaml --from train           force a rerun from a stage
+      loraflow registry list                      adapters, versions and aliases
+      loraflow generate --model smollm2-135m --adapter demo@champion "Extract ..."
+    """)
+
+
+# --- parser -----------------------------------------------------------------------------------------
+
+def _config_args(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    p.add_argument("config", help="pipeline YAML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything on the console (Ray, workers, libraries) and tracebacks; it is all in "
+                        "runs/<id>/run.log anyway")
+
+
+def _stage_command(stage: str):
+    """`loraflow prepare|train|evaluate|register CONFIG`: the DAG up to that stage."""
+    def run(args) -> int:
+        if stage == "evaluate" and args.adapter:
+            return cmd_evaluate_adapter(args)
+        return cmd_run(args, until=stage)
+    return run
+
+
+def _default_address() -> str | None:
+    return os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    default = _default_address()
+    parser.add_argument("--address", default=default, required=default is None,
+                        help="the cluster's job server, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+
+
+def _submit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `loraflow submit CONFIG --address URL ...`."""
+    parser.add_argument("config", help="pipeline YAML (inside the working directory)")
+    _add_address(parser)
+    parser.add_argument("--no-wait", dest="wait", action="store_false",
+                        help="print the job id and return instead of following the logs")
+    parser.add_argument("--working-dir", help="directory shipped to the cluster (default: the current one)")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="env var for the job (repeatable)")
+    parser.add_argument("--pip", action="append", default=[], metavar="PKG", help="extra pip package (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. train.lr=1e-4 (repeatable)")
+    parser.add_argument("--shared-mount", dest="shared_mounts", action="append", default=[], metavar="DIR",
+                        help="a directory mounted at the same path on every cluster node (repeatable; "
+                             "also $LORAFLOW_SHARED_MOUNTS)")
+    parser.add_argument("--command", choices=COMMANDS, default="run",
+                        help="the loraflow command the job runs (default: run; validate and dag are dry runs)")
+    parser.add_argument("--ship-limit-mb", type=float, default=DEFAULT_SHIP_LIMIT_BYTES / 2**20,
+                        help="largest total of local input data shipped with the working dir (default: %(default)s)")
+    parser.add_argument("--submission-id", help="job id to use (default: generated by Ray)")
+
+
+def _jobs_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `loraflow jobs status|logs|stop JOB_ID --address URL`."""
+    parser.add_argument("action", choices=["status", "logs", "stop"])
+    parser.add_argument("job_id")
+    _add_address(parser)
+    parser.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraflow", description="Distributed LoRA fine-tuning as a Ray workflow.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str, func, example: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("run", "run the whole DAG: prepare -> train -> evaluate -> register (cached stages are skipped)",
+            cmd_run, "loraflow run configs/demo.yaml --set train.lr=1e-4")
+    _config_args(p)
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="force a rerun from this stage")
+    p.add_argument("--address", help="join an existing Ray cluster (e.g. 'auto' inside a Ray Job)")
+    for stage, help_ in (("prepare", "read, validate, tokenize, pack and shard the data"),
+                         ("train", "prepare (cached) then LoRA-train with Ray Train DDP"),
+                         ("evaluate", "... then evaluate base, new adapter and champion"),
+                         ("register", "... then register the adapter and apply the promotion gate")):
+        p = add(stage, help_, _stage_command(stage), f"loraflow {stage} configs/demo.yaml")
+        _config_args(p)
+        if stage == "evaluate":
+            p.add_argument("--adapter", metavar="PATH|NAME@ALIAS",
+                           help="evaluate this adapter (a folder or a registry reference) instead of the DAG's")
+        p.add_argument("--from", dest="from_stage", metavar="STAGE", help="force a rerun from this stage")
+        p.add_argument("--address", help="join an existing Ray cluster")
+    p = add("retrain", "scheduled retraining: exit quickly when the data did not change, else run the DAG "
+            "and promote only through the gate", cmd_retrain, "loraflow retrain configs/demo.yaml --warm-start")
+    _config_args(p)
+    p.add_argument("--address", help="join an existing Ray cluster")
+    p.add_argument("--warm-start", action="store_true", help="start training from the current champion adapter")
+    p.add_argument("--wait", action="store_true", help="wait for a concurrent retrain instead of exiting")
+    p.add_argument("--strict", action="store_true", help="exit 3 when the gate keeps the champion")
+    p = add("tune", "Ray Tune sweep over the `tune:` section's search space (ASHA on eval loss); the best "
+            "trial goes on through evaluate and register", cmd_tune, "loraflow tune configs/tune.yaml")
+    _config_args(p)
+    p.add_argument("--address", help="join an existing Ray cluster")
+    p = add("dag", "print the stage graph with each stage's cache status, without running anything",
+            cmd_dag, "loraflow dag configs/demo.yaml")
+    _config_args(p)
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="show what --from STAGE would rerun")
+    p = add("preview", "show the first prepared examples with the trained (loss) tokens marked, the template, "
+            "packing boundaries and token counts; starts no Ray, reads at most the first shard",
+            cmd_preview, "loraflow preview configs/demo.yaml -n 3")
+    _config_args(p, json_flag=False)
+    p.add_argument("-n", type=int, default=3, help="how many examples (default: 3)")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
+                   help="colour the trained tokens (default: when stdout is a terminal); --no-color: [[...]]")
+    p = add("validate", "check a config file (keys, types, data paths) without running anything",
+            cmd_validate, "loraflow validate configs/demo.yaml")
+    _config_args(p, json_flag=False)
+    p = add("init", "write a commented starter config", cmd_init, "loraflow init pipeline.yaml")
+    p.add_argument("path", nargs="?", default="pipeline.yaml")
+    p.add_argument("--force", action="store_true")
+
+    p = add("registry", "list, show, promote, roll back, export or delete registered adapters", cmd_registry,
+            "loraflow registry promote demo:2 --alias champion")
+    p.add_argument("action", choices=["list", "show", "promote", "rollback", "export", "delete"])
+    p.add_argument("ref", nargs="?", help="name (list, rollback), name:version or name@alias")
+    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (registry.root)")
+    p.add_argument("--name", help="list: only this name")
+    p.add_argument("--metric", default="loss", help="list: the metric column to show")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--reason")
+    p.add_argument("--out", help="export: destination folder")
+    p.add_argument("--json", action="store_true")
+
+    p = add("generate", "generate text with a base model and an optional adapter (chat template applied)",
+            cmd_generate, 'loraflow generate --model smollm2-135m --adapter demo@champion "Extract ..."')
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", help="adapter folder or registry reference (name@alias, name:3)")
+    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (default $LORAFLOW_REGISTRY or ~/.cache/loraflow/registry)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the base's weights dtype (default: what the adapter was trained with, else auto)")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
+
+    p = add("predict", "classify texts with a classification adapter", cmd_predict,
+            'loraflow predict --model minilm-l6 --adapter banking@champion "my card was declined"')
+    p.add_argument("text", nargs="+")
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--adapter", required=True, help="adapter folder or registry reference")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the base's weights dtype (default: what the adapter was trained with, else auto)")
+    p.add_argument("--root", default=DEFAULT_REGISTRY, help="registry root (default $LORAFLOW_REGISTRY or ~/.cache/loraflow/registry)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' loading reports and progress bars")
+    p = add("submit", "submit a loraflow command (`run CONFIG` by default) to a Ray cluster as a Ray Job",
+            cmd_submit, "loraflow submit configs/demo.yaml --address http://127.0.0.1:8265")
+    _submit_arguments(p)
+    p = add("jobs", "status, logs or stop of a submitted Ray Job", cmd_jobs,
+            "loraflow jobs logs raysubmit_123 --address http://127.0.0.1:8265")
+    _jobs_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(__version__)
+        return EXIT_OK
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    if getattr(args, "json", False):
+        reserve_stdout_for_json()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        return _failed(args, e)
+
+
+def _failed(args: argparse.Namespace, error: Exception) -> int:
+    """One clear line for a failure the user can fix (its exit code); a bug also gets its traceback.
+    The traceback always goes to the run log when there is one; `--verbose` prints it too."""
+    details = traceback.format_exc()
+    log = getattr(args, "run_log", None)
+    if log is not None and log.parent.is_dir():
+        with open(log, "a") as f:
+            f.write(details)
+    user = isinstance(error, UserError | FileNotFoundError)
+    if not user or getattr(args, "verbose", False):
+        print(details, file=sys.stderr, end="")
+    message = str(error) if user else f"{type(error).__name__}: {error}"
+    where = f" (details: {log})" if log is not None and log.is_file() else ""
+    print(f"error: {message}{where}", file=sys.stderr)
+    if isinstance(error, UserError):
+        return error.exit_code
+    return EXIT_CONFIG if isinstance(error, FileNotFoundError) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The commented starter config that `loraflow init` writes."""
+
+STARTER_CONFIG = """\
+# loraflow pipeline config. Every key below is optional except data.source and data.format.
+# Unknown keys are errors. Override any key on the command line: --set train.lr=1e-4
+version: 1
+
+model:
+  name: smollm2-135m        # built-in alias, an HF model id, or a local folder
+  task: causal_lm           # causal_lm | seq_cls (classification)
+  dtype: float32            # frozen base weights: float32 | bfloat16 | auto (bf16 where native; adapters stay fp32)
+  # pooling: mean           # seq_cls encoders: feed the head the mean of the token states (sentence encoders)
+
+data:
+  source: data/train.jsonl  # file, glob, folder, s3://..., or hf:<name>[:<config>][#<split>]; relative to this file
+  format: instruction       # instruction | completion | chat | text | classification
+  fields:                   # your column names for the format's roles
+    instruction: instruction
+    input: input
+    output: output
+  max_seq_len: 512
+  eval_fraction: 0.05       # held out by a hash of each example: stable as the data grows
+  max_reject_fraction: 0.01 # fail if more rows than this are malformed (see rejects/)
+
+lora:
+  r: 8
+  alpha: 16
+  dropout: 0.05
+  target_modules: null      # null = the architecture's default; or a list, a regex, or all-linear
+
+train:
+  num_workers: 2            # Ray Train DDP workers
+  use_gpu: false
+  batch_size: 4             # per worker
+  grad_accum: 1
+  lr: 2.0e-4
+  epochs: 1
+  log_every: 10
+  checkpoint_every: 50
+
+eval:
+  actors: 1                 # Ray Data actor pool size
+  generation:
+    num_prompts: 0          # > 0: also generate answers for the first N eval rows and score exact match
+
+registry:
+  root: ~/.cache/loraflow/registry
+  name: my-adapter
+  gate:
+    metric: loss
+    direction: min
+    min_delta: 0.0
+
+cluster:
+  address: null             # null: local Ray; "auto" on a cluster node or inside a Ray Job
+  work_dir: work            # stage outputs and checkpoints (relative to the working directory)
+  runs_dir: runs            # run manifests and reports
+"""

@@ -1,0 +1,1 @@
+"""Cluster operations: Ray Job submission, local clusters, authentication. Imports base modules only."""

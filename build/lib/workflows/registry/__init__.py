@@ -1,0 +1,1 @@
+"""The adapter registry (versions, lineage, aliases) and the register stage with its promotion gate."""

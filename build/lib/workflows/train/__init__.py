@@ -1,0 +1,1 @@
+"""The train stage: Ray Train DDP LoRA fine-tuning, adapter-only checkpoints and resume."""
