@@ -151,7 +151,7 @@ class StepLoop:
         self.last_metrics = metrics
         if self.rank == 0:
             append_jsonl(Path(self.cfg.run_dir) / "metrics.jsonl", metrics)
-            print(progress_line(metrics, self.cfg.total_steps), flush=True)
+            print(progress_line(metrics, self.cfg.total_steps, self.cfg.progress_prefix), flush=True)
         if not ckpt:
             ray.train.report(metrics)
             return
@@ -181,6 +181,9 @@ class StepLoop:
             metrics["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if do_eval:
             metrics["eval_loss"] = self.eval_loss()
+            if self.cfg.validator is not None and self.rank == 0:  # only rank 0's metrics are kept
+                metrics.update(self.cfg.validator(self.model))
+                self.model.train()
         return metrics
 
     def eval_loss(self) -> float:
