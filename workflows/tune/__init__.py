@@ -179,7 +179,11 @@ def run_tune(config: PipelineConfig, prepared_dir: str, storage_path: str, name:
             tune_config=tune.TuneConfig(metric=key, mode=tc.direction, num_samples=num_samples(config),
                                         scheduler=_scheduler(config, budget),
                                         search_alg=search_algorithm(config, concurrency)),
-            run_config=tune.RunConfig(name=name, callbacks=[lines], **where))
+            # A trial that fails (a worker killed for memory on a busy node) is started again up to
+            # train.max_failures times; it resumes its Ray Train run from the last checkpoint.
+            run_config=tune.RunConfig(name=name, callbacks=[lines],
+                                      failure_config=tune.FailureConfig(max_failures=config.train.max_failures),
+                                      **where))
     grid = tuner.fit()
     release_after_sweep()  # the last stopped trials' placement groups: evaluate needs those CPUs
     records = trial_records(grid, config, key, train_rows)
