@@ -1,4 +1,4 @@
-"""Scheduled retraining and Ray Tune sweeps, through the CLI on a tiny model.
+"""Scheduled retraining, through the CLI on a tiny model (Ray Tune sweeps: tests/test_tune.py).
 
 Every `loraflow` call is a real subprocess joined to the session's Ray cluster (`--address`).
 """
@@ -111,20 +111,3 @@ def test_a_worse_adapter_keeps_the_champion_and_the_decision_is_recorded(nightly
     assert reg.alias_version("nightly", "champion") == 2
     decisions = reg.decisions("nightly", 3)
     assert decisions and decisions[-1]["promote"] is False
-
-
-def test_tune_runs_trials_and_registers_the_best(tmp_path, address):
-    append_rows(tmp_path / "rows.jsonl", 120, seed=4)
-    cfg = write_config(tmp_path, tune={"search_space": {"train.lr": {"grid": [1e-4, 5e-3]}},
-                                       "num_trials": 2, "max_concurrent": 1, "metric": "eval_loss", "asha": False})
-    raw = yaml.safe_load(cfg.read_text())
-    raw["train"].update({"max_steps": 4, "eval_every": 2, "log_every": 2})
-    cfg.write_text(yaml.safe_dump(raw))
-    manifest = json.loads(cli("tune", str(cfg), cwd=tmp_path, address=address).stdout)
-    trials = manifest["tune"]["trials"]
-    assert len(trials) == 2 and all(t["error"] is None for t in trials)
-    assert all(t["eval_loss"] is not None for t in trials)
-    best = min(trials, key=lambda t: t["eval_loss"])
-    assert manifest["tune"]["best_params"] == {"train.lr": best["train.lr"]}
-    assert manifest["stages"]["train"]["status"] == "hit"  # the best trial's run, committed
-    assert manifest["stages"]["register"]["outputs"]["version"] == 1

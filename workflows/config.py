@@ -249,29 +249,45 @@ class ClusterSection(Section):
 
 
 class TuneSection(Section):
-    # Config key -> a distribution: {choice: [..]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]},
-    # {randint: [lo, hi]} or {grid: [..]}. Keys are dotted paths into this config, e.g. train.lr.
-    search_space: dict[str, dict[str, list[Any]]]
-    num_trials: int = Field(4, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    metric: str = "eval_loss"
-    mode: Literal["min", "max"] = "min"
-    # ASHA early stopping on the metric the train stage reports every `train.eval_every` steps.
+    """`loraflow tune` (workflows/tune/): trials train on the train split less a validation split that
+    prepare carves out of it, and are compared on that split only; the eval split scores the chosen
+    adapter once, after selection."""
+
+    # Config key -> a distribution {choice: [..]}, {grid: [..]}, {uniform: [lo, hi]},
+    # {loguniform: [lo, hi]}, {randint: [lo, hi]} (hi excluded), or a plain value every trial gets.
+    # Keys are dotted lora.* / train.* paths; `lora.alpha_over_r` sets lora.alpha = ratio x lora.r;
+    # lora.target_modules may name a set: attention or all-linear (workflows/tune/space.py).
+    search_space: dict[str, Any]
+    search: Literal["random", "grid", "tpe"] = "random"  # tpe: Optuna (pip install 'loraflow[tune]')
+    num_trials: int = Field(4, ge=1)  # random and tpe: trials to run; grid: the grid's size wins
+    max_concurrent: int | None = Field(None, ge=1)  # None: as many trials as the cluster's CPUs fit
+    # Any metric the evaluate stage computes for the task (loss, accuracy, macro_f1, exact_match,
+    # ...), on the validation split, every train.eval_every steps; "eval_loss" means loss.
+    metric: str = "loss"
+    mode: Literal["min", "max"] | None = None  # None: min for loss and perplexity, else max
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # of the train rows, by example hash
+    # ASHA: after grace_period validations, then at reduction_factor times as many, a trial whose
+    # metric is outside the top 1/reduction_factor of the trials that got that far stops.
     asha: bool = True
-    grace_period: int = Field(1, ge=1)  # reports before a trial can be stopped
+    grace_period: int = Field(1, ge=1)  # in validations (train.eval_every steps each)
     reduction_factor: int = Field(2, ge=2)
     seed: int = 0
 
     @field_validator("search_space")
     @classmethod
-    def _known_distributions(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+    def _known_distributions(cls, space: dict[str, Any]) -> dict[str, Any]:
         kinds = {"choice", "uniform", "loguniform", "randint", "grid"}
         for key, dist in space.items():
-            if len(dist) != 1 or next(iter(dist)) not in kinds:
-                raise ValueError(f"tune.search_space.{key}: expected one of {sorted(kinds)}, got {dist!r}")
-            if key.split(".")[0] not in {"lora", "train", "data", "model"}:
-                raise ValueError(f"tune.search_space.{key}: only lora.*, train.*, data.* and model.* keys can be searched")
+            if isinstance(dist, dict) and (len(dist) != 1 or next(iter(dist)) not in kinds):
+                raise ValueError(f"tune.search_space.{key}: expected one of {sorted(kinds)} or a plain value, "
+                                 f"got {dist!r}")
         return space
+
+    @property
+    def direction(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        return "min" if self.metric in ("loss", "eval_loss", "perplexity") else "max"
 
 
 class PipelineConfig(Section):
@@ -304,6 +320,9 @@ class PipelineConfig(Section):
         for key, default in _ADDED_LATER.get(name, {}).items():  # the same for these
             if key in data and data[key] == default:
                 del data[key]
+        if name == "data" and self.tune is not None:
+            # prepare carves the validation split only for a sweep: plain runs keep their fingerprints
+            data["validation_fraction"] = self.tune.validation_fraction
         return data
 
     def resolve_path(self, path: str) -> str:

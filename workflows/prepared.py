@@ -45,6 +45,20 @@ class PreparedData:
         return self._files("eval")
 
     @property
+    def validation_files(self) -> list[str]:
+        """The validation split a sweep carves out of the train rows; empty for a plain run's data."""
+        return self._files("validation") if "validation" in self.manifest["shards"] else []
+
+    def for_trials(self) -> PreparedData:
+        """The view a tune trial gets: train, and the validation split in the place of eval, so that
+        no eval row reaches a trial (its periodic eval scores validation rows)."""
+        if not self.validation_files:
+            raise PreparedDataError(f"{storage.join(self.root, 'manifest.json')}: manifest field 'shards' has no "
+                                    "validation split; prepare with a tune section (tune.validation_fraction)")
+        shards = {**self.manifest["shards"], "eval": self.manifest["shards"]["validation"]}
+        return PreparedData(self.root, {**self.manifest, "shards": shards, "eval_split": "validation"})
+
+    @property
     def task(self) -> str:
         return self.manifest["task"]
 

@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start", action="store_true", help="start training from the current champion adapter")
     p.add_argument("--wait", action="store_true", help="wait for a concurrent retrain instead of exiting")
     p.add_argument("--strict", action="store_true", help="exit 3 when the gate keeps the champion")
-    p = add("tune", "Ray Tune sweep over the `tune:` section's search space (ASHA on eval loss); the best "
-            "trial goes on through evaluate and register", cmd_tune, "loraflow tune configs/tune.yaml")
+    p = add("tune", "Ray Tune sweep over the `tune:` section's search space, trials compared on a validation "
+            "split carved out of the train rows (ASHA stops laggards); the best trial is scored once on the "
+            "eval split and goes on through register; the same command resumes a killed sweep", cmd_tune,
+            "loraflow tune configs/banking77_tune.yaml")
     _config_args(p)
     p.add_argument("--address", help="join an existing Ray cluster")
     p = add("dag", "print the stage graph with each stage's cache status, without running anything",

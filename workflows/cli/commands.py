@@ -224,10 +224,13 @@ def cmd_tune(args) -> int:
     if args.json:
         _emit_json(manifest)
         return EXIT_OK
-    trials = manifest["tune"]["trials"]
-    keys = list(trials[0]) if trials else []
-    print_table([tuple(_fmt(t[k]) for k in keys) for t in trials], header=tuple(keys))
-    print(f"\nbest: {manifest['tune']['best_params']} ({cfg.tune.metric}={_fmt(manifest['tune']['best_metric'])})")
+    t = manifest["tune"]
+    keys = list(cfg.tune.search_space)
+    print_table([(r["trial_id"] + (" *" if r["best"] else ""), *(_fmt(r["params"].get(k)) for k in keys),
+                  _fmt(r["metric"]), f"{r['steps']}/{r['budget']}", "yes" if r["stopped_early"] else "no")
+                 for r in t["trials"]], header=("trial", *keys, t["metric"], "steps", "stopped early"))
+    print(f"\nchosen (*): {t['best_params']} ({t['metric']}={_fmt(t['best_metric'])} on the validation split); "
+          f"report: {t['report']}")
     print_table(_summary(manifest), header=("stage", "result"))
     return EXIT_OK
 

@@ -56,6 +56,20 @@ registry:
     direction: min
     min_delta: 0.0
 
+# tune:                     # `loraflow tune`: a sweep, trials compared on a validation split
+#   search: random          # random | grid | tpe (Optuna)
+#   num_trials: 8
+#   metric: loss            # any evaluate metric (accuracy, macro_f1, exact_match, ...), on validation
+#   validation_fraction: 0.1  # of the train rows; the eval split scores the chosen trial once
+#   search_space:
+#     lora.r: {choice: [4, 8, 16, 32]}
+#     lora.alpha_over_r: 2  # lora.alpha = 2 x lora.r
+#     lora.target_modules: {choice: [attention, all-linear]}
+#     train.lr: {loguniform: [1.0e-4, 1.0e-3]}
+#   asha: true              # early stopping (needs train.eval_every)
+#   grace_period: 1         # validations before a trial can be stopped
+#   reduction_factor: 3
+
 cluster:
   address: null             # null: local Ray; "auto" on a cluster node or inside a Ray Job
   work_dir: work            # stage outputs and checkpoints (relative to the working directory)

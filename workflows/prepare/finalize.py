@@ -5,6 +5,9 @@ so the copies of an example and nothing else decide a bucket's rows. Per bucket,
 reading and writing the work store directly:
 
     dedupe      one row per example id; an example that is also in eval leaves train (no leakage)
+    validation  for a sweep (`tune.validation_fraction`): the train rows whose sha256(seed,
+                "validation", example id) falls under the fraction move to validation/, shaped like
+                eval rows (unpacked, with their ids); trials compare themselves on it alone
     order       by sha256(seed, example id): a seeded order that does not depend on how the
                 input was sorted (a class-sorted file trains like a shuffled one)
     pack        causal LM train rows, first-fit-decreasing over windows of that order
@@ -71,6 +74,23 @@ class BucketPlan:
     dedupe: bool
     label_names: list[str] | None
     label_all_tokens: bool = False  # token_cls: every sub-token labelled, not only a word's first
+    validation_fraction: float = 0.0  # > 0: carve validation/ out of the train rows (a sweep)
+
+
+def validation_side(example_id: str, seed: int, fraction: float) -> bool:
+    """Whether a train example goes to validation: a seeded hash of its content id against the
+    fraction (salted apart from the eval split's hash), so the split is stable as data is added."""
+    h = int(hashlib.sha256(f"{seed}:validation:{example_id}".encode()).hexdigest()[:8], 16)
+    return h / 2**32 < fraction
+
+
+def _carve_validation(plan: BucketPlan, rows: dict[str, pa.Table | None]) -> dict[str, pa.Table | None]:
+    train = rows["train"]
+    if not plan.validation_fraction or train is None:
+        return rows
+    mask = pa.array([validation_side(e, plan.seed, plan.validation_fraction)
+                     for e in train.column("example_id").to_pylist()], type=pa.bool_())
+    return {**rows, "train": train.filter(pc.invert(mask)), "validation": train.filter(mask)}
 
 
 def staged(root: str, bucket: int) -> str:
@@ -92,8 +112,9 @@ def finalize_bucket(plan: BucketPlan, bucket: int) -> dict[str, Any]:
     rows = {split: pa.concat_tables(t) if t else None for split, t in tables.items()}
     if plan.dedupe:
         rows, out["duplicates"] = _dedupe(rows)
-    for split in ("eval", "train"):
-        table = rows[split]
+    rows = _carve_validation(plan, rows)  # after dedupe: an example eval holds never reaches it
+    for split in ("eval", "validation", "train"):
+        table = rows.get(split)
         if table is None or table.num_rows == 0:
             continue
         keys = [order_key(e, plan.seed) for e in table.column("example_id").to_pylist()]
@@ -132,6 +153,7 @@ def _dedupe(rows: dict[str, pa.Table | None]) -> tuple[dict[str, pa.Table | None
 
 
 def _final_rows(plan: BucketPlan, split: str, table: pa.Table) -> pa.Table:
+    split = "eval" if split == "validation" else split  # scored like eval rows
     if plan.task == "token_cls":
         return _token_rows(plan, split, table)
     if plan.task == "seq_cls":
@@ -181,5 +203,6 @@ def cap_eval(plan: BucketPlan, bucket: int, threshold: str) -> dict[str, Any]:
 
 def write_empty(root: str, task: str, split: str) -> str:
     """An empty `split/part-00000.parquet` with the split's schema, so readers always find one."""
-    storage.write_parquet(SCHEMAS[task, split].empty_table(), storage.join(root, split, "part-00000.parquet"))
+    schema = SCHEMAS[task, "eval" if split == "validation" else split]
+    storage.write_parquet(schema.empty_table(), storage.join(root, split, "part-00000.parquet"))
     return f"{split}/part-00000.parquet"

@@ -168,10 +168,13 @@ def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = N
         _check_reject_fraction(stats, data.max_reject_fraction, root, f"{str(out).rstrip('/')}.rejects")
         labels = (label_vocabulary(stats["labels"]) if task == "seq_cls" else
                   tag_vocabulary(types_of(data.labels or sorted(stats["labels"]))) if task == "token_cls" else None)
-        plan = BucketPlan(root, task, packed, data.max_seq_len, data.seed, data.dedupe, labels, data.label_all_tokens)
+        validation = config.section("data").get("validation_fraction", 0.0)  # a sweep's config only
+        splits = ("train", "eval", "validation") if validation else ("train", "eval")
+        plan = BucketPlan(root, task, packed, data.max_seq_len, data.seed, data.dedupe, labels, data.label_all_tokens,
+                          validation)
         results = _finalize(plan, buckets, data.max_eval_rows)
         storage.delete_dir(storage.join(root, "_staging"))
-        shards = _shards(root, task, results)
+        shards = _shards(root, task, results, splits)
         manifest = {
             "task": task, "format": data.format, "packed": packed, "max_seq_len": data.max_seq_len,
             "model_name": config.model.name, "label_names": labels,
@@ -183,21 +186,23 @@ def run_prepare(config: PipelineConfig, out: str, planned_digest: str | None = N
             "input_files": {origin: [path for path, _ in entries] for origin, entries in files.items()},
             "rows_digest": {split: combine_digests([r["digests"][split] for r in results if split in r["digests"]
                                                     and r["rows"].get(split)], "|".join(labels or []))
-                            for split in ("train", "eval")},
+                            for split in splits},
             "shards": shards, "buckets": buckets, "seed": data.seed,
-            "schema": {split: storage.parquet_schema(storage.join(root, shards[split][0])) for split in ("train", "eval")},
+            "schema": {split: storage.parquet_schema(storage.join(root, shards[split][0])) for split in splits},
             "loraflow_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": config.section("data"),
         }
         manifest.update(_counts_and_tokens(stats, results, packed, data.max_seq_len))
+        if validation:  # carved out of the train rows: train_rows counts what is left
+            manifest["counts"]["validation_rows"] = sum(r["rows"].get("validation", 0) for r in results)
         manifest["seconds"] = round(time.time() - started, 2)
         storage.write_json(redact(manifest), storage.join(root, "manifest.json"))
     return PreparedData.load(out)
 
 
-def _shards(root: str, task: str, results: list[dict[str, Any]]) -> dict[str, list[str]]:
+def _shards(root: str, task: str, results: list[dict[str, Any]], splits: tuple[str, ...]) -> dict[str, list[str]]:
     shards: dict[str, list[str]] = {}
-    for split in ("train", "eval"):
+    for split in splits:
         shards[split] = [f"{split}/part-{r['bucket']:05d}.parquet" for r in results if r["rows"].get(split)]
         if not shards[split]:
             shards[split] = [write_empty(root, task, split)]
@@ -232,6 +237,8 @@ def summary_rows(prepared: PreparedData) -> list[tuple[str, str]]:
             ("rows read", f"{c['rows_read']:,}"), ("rejected", f"{c['rejected_total']:,} ({rejected})"),
             ("deduplicated", f"{c['deduplicated']:,}"), ("truncated", f"{c['truncated']:,}"),
             ("train examples", f"{c['train_rows']:,}"), ("eval examples", f"{c['eval_rows']:,}")]
+    if "validation_rows" in c:
+        rows.append(("validation examples", f"{c['validation_rows']:,} (carved from train, for tune)"))
     if m["packed"]:
         rows.append(("packed sequences", f"{c['packed_sequences']:,} (padding {t['padding_fraction']:.1%})"))
     rows += [("train tokens", f"{t['train']['total']:,} (mean {t['train']['mean']}, p95 {t['train']['p95']})"),

@@ -176,7 +176,7 @@ class StepLoop:
         self.last_metrics = metrics
         if self.rank == 0:
             append_jsonl(Path(self.cfg.run_dir) / "metrics.jsonl", metrics)
-            print(progress_line(metrics, self.cfg.total_steps), flush=True)
+            print(progress_line(metrics, self.cfg.total_steps, self.cfg.progress_prefix), flush=True)
         start, self._checkpoint_s = time.perf_counter(), 0.0
         if not ckpt:
             ray.train.report(metrics)
@@ -214,6 +214,9 @@ class StepLoop:
         if do_eval:
             start = time.perf_counter()
             metrics["eval_loss"] = self.eval_loss()
+            if self.cfg.validator is not None and self.rank == 0:  # only rank 0's metrics are kept
+                metrics.update(self.cfg.validator(self.model))
+                self.model.train()
             metrics["eval_s"] = time.perf_counter() - start
         return metrics
 

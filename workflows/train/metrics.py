@@ -63,13 +63,13 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def progress_line(m: dict[str, Any], total: int) -> str:
+def progress_line(m: dict[str, Any], total: int, prefix: str = "[train]") -> str:
     """One line per report: step, losses, lr, throughput and the time left at this pace."""
     per_step = m["elapsed_s"] / max(1, m["steps_this_run"])
     eta = per_step * (total - m["step"])
     loss = f"{m['train_loss']:.4f}" if m["train_loss"] is not None else "-"
     ev = f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""
-    return (f"[train] step {m['step']}/{total} loss {loss}{ev} lr {m['lr']:.2e} "
+    return (f"{prefix} step {m['step']}/{total} loss {loss}{ev} lr {m['lr']:.2e} "
             f"{m['tokens_per_s']:.0f} tok/s eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
 

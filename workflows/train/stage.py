@@ -80,10 +80,13 @@ def _run_dir(storage_path: str | Path, run_name: str) -> Path | str:
 
 def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: str | Path, run_name: str, *,
                   init_adapter: AdapterFiles | None = None, callbacks: list[Any] | None = None,
-                  loop: Callable[[dict[str, Any]], Any] | None = None) -> TorchTrainer:
+                  loop: Callable[[dict[str, Any]], Any] | None = None,
+                  validator: Callable[[Any], dict[str, Any]] | None = None,
+                  progress_prefix: str = "[train]") -> TorchTrainer:
     """The checked `TorchTrainer` of one run (data and cluster fit verified before it exists).
 
-    `callbacks` are Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback` in a sweep trial.
+    `callbacks` are Ray Train `UserCallback`s, e.g. Tune's `TuneReportCallback` in a sweep trial;
+    `validator` and `progress_prefix` go to the workers (`WorkerConfig`).
     """
     check_prepared(config, prepared)
     if init_adapter is not None:
@@ -99,7 +102,7 @@ def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: 
         manifest=prepared.manifest, run_dir=str(run_dir), total_steps=total_steps,
         num_labels=len(prepared.manifest["label_names"]) if has_head(prepared.task) else None,
         init_adapter=init_adapter, base_identity=identity, lineage=_lineage(config, prepared, run_dir),
-        has_eval=_rows(prepared.eval_files) > 0)
+        has_eval=_rows(prepared.eval_files) > 0, validator=validator, progress_prefix=progress_prefix)
     datasets = train_datasets(prepared, tc)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same order every epoch and attempt: resume skips consumed batches

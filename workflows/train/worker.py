@@ -54,6 +54,10 @@ class WorkerConfig:
     base_identity: dict[str, Any] | None = None  # workflows.models.base_identity()
     lineage: dict[str, Any] | None = None  # loraflow.json extras (data digest, config, ...)
     has_eval: bool = False
+    # A tune trial's: called on rank 0 with the model at every periodic eval, returns the metrics it
+    # adds to that report (the evaluate stage's, on the validation split; workflows/tune/validation.py).
+    validator: Callable[[nn.Module], dict[str, Any]] | None = None
+    progress_prefix: str = "[train]"  # a trial's progress lines go to the run log, not the console
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,178 @@
+"""`loraflow tune` end to end on a tiny model: ONE sweep, killed once and resumed, asserted many ways.
+
+Each Tune trial is a real Ray Train run, so the sweep is expensive on a small machine: a single
+module-scoped run (`sweep`) carries every assertion. Four trials (a grid over the learning rate and
+the target set, alpha tied to the rank), 12 steps each, a validation every 3 steps, ASHA with
+grace 1 validation and reduction factor 2, two trials at once. The driver is SIGKILLed once the
+first trial has finished and Tune has recorded it; the same command then continues the sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from workflows.tune.space import ATTENTION
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "data"))
+from make_demo_data import make_row  # noqa: E402
+
+TRIALS, BUDGET = 4, 12
+# The module's one sweep (two driver runs, eight Ray Train runs' start-ups, evaluate) is set up
+# inside the first test: on a loaded 2-core machine it can pass the suite's 600 s per test.
+pytestmark = pytest.mark.timeout(1500)
+
+
+def write_sweep(root: Path) -> Path:
+    import random
+
+    rng = random.Random(4)
+    with open(root / "rows.jsonl", "w") as f:
+        f.writelines(json.dumps(make_row(rng)) + "\n" for _ in range(200))
+    cfg = {
+        "model": {"name": "tiny-llama"},
+        # unpacked train rows, so that the test can compare them with eval rows one by one
+        "data": {"source": "rows.jsonl", "format": "instruction", "max_seq_len": 128, "eval_fraction": 0.1,
+                 "pack": False},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"num_workers": 1, "batch_size": 4, "lr": 5e-3, "max_steps": BUDGET, "eval_every": 3,
+                  "log_every": 3},
+        "eval": {"batch_size": 8},
+        "registry": {"root": str(root / "registry"), "name": "tuned", "gate": {"metric": "loss"}},
+        "cluster": {"work_dir": str(root / "work"), "runs_dir": str(root / "runs")},
+        "tune": {"search": "grid", "metric": "eval_loss", "validation_fraction": 0.15,
+                 "search_space": {"train.lr": {"grid": [5e-3, 1e-6]},
+                                  "lora.target_modules": {"choice": ["attention", "all-linear"]},
+                                  "lora.alpha_over_r": 2},
+                 "grace_period": 1, "reduction_factor": 2, "max_concurrent": 2},
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _argv(cfg: Path, address: str) -> list[str]:
+    return [sys.executable, "-m", "workflows.cli", "tune", str(cfg), "--json", "--address", address]
+
+
+def _first_recorded_trial(work: Path) -> str | None:
+    """The id of a trial whose Ray Train run has finished AND whose end Tune has saved in its
+    experiment state (what a restore reads), else None."""
+    finished = {p.parents[1].name.removeprefix("trial-") for p in (work / "tune" / "trials").glob("trial-*/final/metrics.json")}
+    for state in (work / "tune").glob("tune-*/experiment_state-*.json"):
+        text = state.read_text()
+        for trial_id in finished:
+            records = [r for r in json.loads(text)["trial_data"] if trial_id in r[0]]
+            if records and json.loads(records[0][0]).get("status") == "TERMINATED":
+                return trial_id
+    return None
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, ray_address):
+    root = tmp_path_factory.mktemp("tune")
+    cfg = write_sweep(root)
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune saves its state every second
+    first = subprocess.Popen(_argv(cfg, ray_address), cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True)
+    deadline, killed_after = time.time() + 540, None
+    while time.time() < deadline and first.poll() is None:
+        killed_after = _first_recorded_trial(root / "work")
+        if killed_after:
+            os.killpg(first.pid, signal.SIGKILL)  # the driver dies mid-sweep, as on a lost terminal
+            break
+        time.sleep(0.5)
+    _, first_err = first.communicate(timeout=60)
+    assert killed_after, f"no trial finished before the driver ended: {first_err[-3000:]}"
+    result_files = sorted((root / "work" / "tune").glob(f"tune-*/*{killed_after}*/result.json"))
+    kept = result_files[0].read_bytes()
+    second = subprocess.run(_argv(cfg, ray_address), cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-4000:]
+    return {"root": root, "manifest": json.loads(second.stdout), "first_err": first_err, "second_err": second.stderr,
+            "killed_after": killed_after, "kept": kept, "result_file": result_files[0]}
+
+
+def test_a_killed_sweep_resumes_and_its_finished_trials_are_not_run_again(sweep):
+    t = sweep["manifest"]["tune"]
+    assert t["resumed"] is True and "[tune] resuming sweep" in sweep["second_err"]
+    assert len(t["trials"]) == TRIALS and all(r["error"] is None for r in t["trials"])
+    assert sweep["result_file"].read_bytes() == sweep["kept"]  # Tune appended nothing: not run again
+    assert "[tune] trial" not in "".join(line for line in sweep["second_err"].splitlines()
+                                          if sweep["killed_after"] in line)
+
+
+def test_asha_stops_a_lagging_trial_before_its_budget(sweep):
+    trials = sweep["manifest"]["tune"]["trials"]
+    stopped = [r for r in trials if r["stopped_early"]]
+    assert stopped and all(r["steps"] < r["budget"] == BUDGET for r in stopped)
+    for r in stopped:  # each lagged, at the step it was stopped, behind a trial that got that far
+        at = dict(map(tuple, r["history"]))[r["steps"]]
+        others = [dict(map(tuple, o["history"])).get(r["steps"]) for o in trials if o is not r]
+        assert any(v is not None and v < at for v in others), (r, others)
+    assert any(r["finished"] and r["steps"] == BUDGET for r in trials)
+
+
+def test_the_trial_chosen_is_the_best_on_validation_and_is_scored_once_on_eval(sweep):
+    m, t = sweep["manifest"], sweep["manifest"]["tune"]
+    finished = [r for r in t["trials"] if r["finished"]]
+    best = min(finished, key=lambda r: r["metric"])
+    assert t["metric"] == "validation_loss" and t["best_params"] == best["params"] and best["best"]
+    assert m["stages"]["train"]["status"] == "hit"  # the best trial's run, committed
+    assert m["stages"]["evaluate"]["status"] == "ran" and m["stages"]["register"]["outputs"]["version"] == 1
+    adapter = json.loads((Path(m["stages"]["train"]["outputs"]["adapter"]) / "adapter_config.json").read_text())
+    target = {"attention": ATTENTION, "all-linear": "all-linear"}[best["params"]["lora.target_modules"]]
+    assert adapter["target_modules"] != [] and adapter["lora_alpha"] == 2 * adapter["r"]
+    assert m["stages"]["evaluate"]["outputs"]["metrics"]["rows"] == m["stages"]["prepare"]["outputs"]["counts"]["eval_rows"]
+    assert json.loads((Path(m["stages"]["train"]["outputs"]["dir"]) / "result.json").read_text())["metrics"][
+        "validation_loss"] == pytest.approx(best["metric"])
+    assert target  # the named set resolved to what lora_core matches
+
+
+def _ids(folder: Path) -> set[str]:
+    return {i for f in folder.glob("*.parquet") for i in pq.read_table(f, columns=["example_id"]).column(0).to_pylist()}
+
+
+def test_no_eval_row_reaches_a_trial(sweep):
+    m = sweep["manifest"]
+    prepared = Path(m["stages"]["prepare"]["outputs"]["dir"])
+    eval_ids, validation_ids = _ids(prepared / "eval"), _ids(prepared / "validation")
+    assert eval_ids and validation_ids and not eval_ids & validation_ids
+    digest = hashlib.sha256("\n".join(sorted(validation_ids)).encode()).hexdigest()
+    runs = sorted((sweep["root"] / "work" / "tune" / "trials").glob("trial-*/metrics.jsonl"))
+    assert len(runs) == TRIALS
+    for run in runs:  # what every trial scored, at every validation: the validation rows, no other
+        scored = [json.loads(line) for line in run.read_text().splitlines() if "validation_ids_sha256" in line]
+        assert scored and {r["validation_ids_sha256"] for r in scored} == {digest}, run
+        assert {r["validation_rows"] for r in scored} == {len(validation_ids)}
+    eval_tokens = {tuple(x) for f in (prepared / "eval").glob("*.parquet")
+                   for x in pq.read_table(f, columns=["input_ids"]).column(0).to_pylist()}
+    train_tokens = [tuple(x) for f in (prepared / "train").glob("*.parquet")
+                    for x in pq.read_table(f, columns=["input_ids"]).column(0).to_pylist()]
+    assert train_tokens and not eval_tokens & set(train_tokens)
+
+
+def test_each_trial_gets_one_console_line_and_the_report_has_its_table_pictures_and_tensorboard(sweep):
+    t = sweep["manifest"]["tune"]
+    lines = [line for line in (sweep["first_err"] + sweep["second_err"]).splitlines() if line.startswith("[tune] trial ")]
+    for r in t["trials"]:
+        mine = [line for line in lines if r["trial_id"] in line]
+        assert len(mine) == 1, (r["trial_id"], lines)
+        assert ("stopped early by ASHA" in mine[0]) == r["stopped_early"]
+    report = Path(t["report"]).read_text()
+    assert all(r["trial_id"] in report for r in t["trials"]) and "| stopped early |" in report
+    assert "scored once on the eval split" in report
+    for picture in t["pictures"]:
+        assert Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in t["trials"]:
+        assert list((Path(t["tensorboard"]) / r["trial_id"]).glob("events.out.tfevents.*")), r["trial_id"]

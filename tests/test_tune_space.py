@@ -1,0 +1,103 @@
+"""A sweep's config, before anything runs: search spaces, LoRA conveniences, the validation split's
+fingerprint. No Ray, no training."""
+
+from __future__ import annotations
+
+import pytest
+from ray import tune
+
+from workflows.config import ConfigError, config_from_dict
+from workflows.prepare.finalize import validation_side
+from workflows.tune.space import ATTENTION, check_space, param_space, search_algorithm, trial_config
+from workflows.tune.validation import metric_key
+
+BASE = {"model": {"name": "tiny-llama"}, "data": {"source": "rows.jsonl", "format": "instruction"},
+        "train": {"eval_every": 4}}
+
+
+def sweep(**tune_section) -> dict:
+    return {**BASE, "tune": {"search_space": {"train.lr": {"loguniform": [1e-4, 1e-3]}}, **tune_section}}
+
+
+def cfg(raw: dict):
+    return config_from_dict(raw, origin="test.yaml")
+
+
+def test_a_plain_config_keeps_its_prepare_fingerprint_and_a_sweep_adds_the_validation_split():
+    assert "validation_fraction" not in cfg(BASE).section("data")
+    assert cfg(sweep(validation_fraction=0.2)).section("data")["validation_fraction"] == 0.2
+
+
+def test_the_validation_split_is_a_stable_seeded_fraction_of_the_example_ids():
+    ids = [f"{i:016x}" for i in range(4000)]
+    chosen = [i for i in ids if validation_side(i, 0, 0.1)]
+    assert 0.08 < len(chosen) / len(ids) < 0.12
+    assert chosen == [i for i in ids if validation_side(i, 0, 0.1)]  # stable
+    assert chosen != [i for i in ids if validation_side(i, 1, 0.1)]  # seeded
+    assert set(chosen) <= {i for i in ids if validation_side(i, 0, 0.2)}  # grows, never reshuffles
+
+
+def test_alpha_over_r_ties_alpha_to_the_rank_and_target_sets_are_named():
+    c = cfg(sweep())
+    trial = trial_config(c, {"lora.r": 16, "lora.alpha_over_r": 2, "lora.target_modules": "attention"})
+    assert (trial.lora.r, trial.lora.alpha, trial.lora.target_modules) == (16, 32.0, ATTENTION)
+    assert trial_config(c, {"lora.target_modules": "all-linear"}).lora.target_modules == "all-linear"
+    assert trial.tune == c.tune  # the trial's prepare fingerprint is the sweep's
+    assert trial.section("data") == c.section("data")
+
+
+@pytest.mark.parametrize("space, named", [
+    ({"train.lrr": {"choice": [1e-3]}}, "tune.search_space.train.lrr"),
+    ({"lora.r": {"choice": [8, 0]}}, "tune.search_space.lora.r: 0"),
+    ({"lora.dropout": {"uniform": [0.0, 1.5]}}, "tune.search_space.lora.dropout: 1.5"),
+    ({"train.lr": {"loguniform": [0, 1e-3]}}, "tune.search_space.train.lr: loguniform needs low > 0"),
+    ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "tune.search_space.train.lr: uniform needs low < high"),
+    ({"lora.r": {"randint": [4.5, 8]}}, "tune.search_space.lora.r: randint needs integers"),
+    ({"lora.r": {"grid": [4, 8]}}, "tune.search_space.lora.r: {grid: [..]} needs tune.search: grid"),
+    ({"data.max_seq_len": {"choice": [64, 128]}}, "tune.search_space.data.max_seq_len: only lora.* and train.*"),
+    ({"lora.alpha_over_r": {"choice": [2, -1]}}, "tune.search_space.lora.alpha_over_r: the ratio"),
+    ({"lora.target_modules": {"choice": ["attention", 3]}}, "tune.search_space.lora.target_modules: 3"),
+])
+def test_an_invalid_trial_config_is_refused_before_anything_runs_naming_the_key(space, named):
+    with pytest.raises(ConfigError) as e:
+        check_space(cfg({**BASE, "tune": {"search_space": space}}))
+    assert named in str(e.value)
+
+
+def test_a_sweep_needs_periodic_validation_and_a_metric_the_task_has():
+    no_eval_every = {**sweep(), "train": {}}
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        check_space(cfg(no_eval_every))
+    with pytest.raises(ConfigError, match="tune.metric 'accuracy' is a classification metric"):
+        check_space(cfg(sweep(metric="accuracy")))
+    with pytest.raises(ConfigError, match="eval.generation.num_prompts > 0"):
+        check_space(cfg(sweep(metric="exact_match", mode="max")))
+    with pytest.raises(ConfigError, match=r"tune.search_space.train.lr: search: grid needs"):
+        check_space(cfg(sweep(search="grid")))
+
+
+def test_every_distribution_maps_to_ray_tune_and_the_metric_is_the_validation_one():
+    c = cfg({**BASE, "tune": {"search_space": {
+        "lora.r": {"choice": [4, 8]}, "train.lr": {"loguniform": [1e-4, 1e-3]}, "lora.dropout": {"uniform": [0, 0.1]},
+        "train.warmup_steps": {"randint": [0, 5]}, "lora.alpha_over_r": 2}}})
+    check_space(c)
+    space = param_space(c)
+    assert isinstance(space["lora.r"], tune.search.sample.Categorical)
+    assert isinstance(space["train.lr"].get_sampler(), tune.search.sample.LogUniform)
+    assert isinstance(space["lora.dropout"], tune.search.sample.Float)
+    assert isinstance(space["train.warmup_steps"], tune.search.sample.Integer)
+    assert space["lora.alpha_over_r"] == 2
+    grid = cfg({**BASE, "tune": {"search": "grid", "search_space": {"lora.r": {"choice": [4, 8]}}}})
+    assert param_space(grid)["lora.r"] == {"grid_search": [4, 8]}
+    assert metric_key("eval_loss") == metric_key("loss") == "validation_loss"
+    assert cfg(sweep()).tune.direction == "min" and cfg(sweep(metric="accuracy")).tune.direction == "max"
+
+
+def test_tpe_is_optunas_sampler_through_ray_tune():
+    pytest.importorskip("optuna", reason="optuna is the `tune` extra (in the dev extra, so CI has it)")
+    from ray.tune.search.optuna import OptunaSearch
+
+    c = cfg(sweep(search="tpe"))
+    check_space(c)
+    limited = search_algorithm(c, concurrency=2)
+    assert isinstance(limited.searcher, OptunaSearch) and limited.max_concurrent == 2
