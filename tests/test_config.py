@@ -127,3 +127,16 @@ def test_token_classification_keys_left_at_their_defaults_keep_old_fingerprints(
     assert "tag_scheme" not in cfg.section("data") and "head_lr" not in cfg.section("train")
     cfg = config_from_dict({**base, "train": {"head_lr": 0.01}})
     assert cfg.section("train")["head_lr"] == 0.01
+
+
+@pytest.mark.parametrize("train, dtype, expected", [
+    ({"use_gpu": True}, None, "auto"),  # bf16 (fp16 without native bf16) on the GPU: no fp32 copy to autocast
+    ({}, None, "float32"),
+    ({"use_gpu": True}, "float32", "float32"),  # what the user says wins
+    ({}, "bfloat16", "bfloat16"),
+])
+def test_an_unset_base_dtype_is_auto_on_a_gpu_and_float32_on_the_cpu(train, dtype, expected):
+    model = {"name": "tiny-llama", **({"dtype": dtype} if dtype else {})}
+    config = config_from_dict({"model": model, "data": {"source": "x.jsonl", "format": "text"}, "train": train})
+    assert config.model.dtype == expected
+    assert config.section("model")["dtype"] == expected  # fingerprints see what loads

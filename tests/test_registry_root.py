@@ -7,9 +7,10 @@ import pytest
 import yaml
 
 from workflows.cli import build_parser
-from workflows.config import DEFAULT_REGISTRY_ROOT, load_config, registry_root
+from workflows.config import load_config
 from workflows.registry.base import RegistryError
 from workflows.registry.references import resolve_adapter
+from workflows.registry_root import DEFAULT_REGISTRY_ROOT, registry_root
 
 
 def _config(tmp_path, root: str | None = None):

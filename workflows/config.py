@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +24,7 @@ from pydantic import (
 
 from lora_core.config import LoraConfig
 from workflows.artifacts import UserError, is_uri
+from workflows.registry_root import DEFAULT_REGISTRY_ROOT, resolve_registry_root
 
 CONFIG_VERSION = 1
 
@@ -40,8 +40,8 @@ class ModelSection(Section):
     task: Literal["causal_lm", "seq_cls", "token_cls"] = "causal_lm"
     # Weights dtype of the frozen base; adapters are always kept in fp32. "auto": bfloat16 where
     # the hardware does bf16 matmuls natively (bf16 GPUs; CPUs with AVX512-BF16 or AMX), float16 on
-    # GPUs without bf16 (T4, V100), else float32.
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # GPUs without bf16 (T4, V100), else float32. Unset: "auto" with train.use_gpu, else float32.
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
     revision: str | None = None
     # seq_cls encoders: what feeds the head. "default": the model's own (BERT: dense + tanh on the
     # first token); "mean": the mean over the real tokens, what sentence-transformers encoders
@@ -195,13 +195,8 @@ class GateSection(Section):
     guards: dict[str, float] = Field(default_factory=dict)
 
 
-REGISTRY_ENV = "LORAFLOW_REGISTRY"
-DEFAULT_REGISTRY_ROOT = "~/.cache/loraflow/registry"
-
-
 class RegistrySection(Section):
-    # Every command finds the registry by one rule (`registry_root`): a flag or --set, then
-    # $LORAFLOW_REGISTRY, then this key, then the default.
+    # One rule for every command (workflows/registry_root.py): flag/--set, $LORAFLOW_REGISTRY, this key, default.
     root: str = DEFAULT_REGISTRY_ROOT
     name: str = "adapter"
     alias: str = "champion"
@@ -212,19 +207,6 @@ class RegistrySection(Section):
     def root_from(self) -> str:
         """Where `root` came from, for error messages (`--set registry.root`, `$LORAFLOW_REGISTRY`, ...)."""
         return self._root_from
-
-
-def registry_root(flag: str | None = None, configured: str | None = None, flag_name: str = "--root",
-                  config_origin: str = "registry.root in the config") -> tuple[str, str]:
-    """The registry root of any command and where it came from: a flag (or --set), then
-    $LORAFLOW_REGISTRY, then the config's `registry.root`, then the default."""
-    if flag:
-        return flag, flag_name
-    if os.environ.get(REGISTRY_ENV):
-        return os.environ[REGISTRY_ENV], f"${REGISTRY_ENV}"
-    if configured:
-        return configured, config_origin
-    return DEFAULT_REGISTRY_ROOT, f"the default registry.root ({DEFAULT_REGISTRY_ROOT})"
 
 
 class MlflowSection(Section):
@@ -312,6 +294,12 @@ class PipelineConfig(Section):
             raise ValueError(f"unsupported config version {v}; this loraflow reads version {CONFIG_VERSION}")
         return v
 
+    @model_validator(mode="after")
+    def _base_dtype(self) -> PipelineConfig:
+        if self.model.dtype is None:  # a GPU run loads its base in bf16/fp16, never an fp32 copy to autocast
+            self.model.dtype = "auto" if self.train.use_gpu else "float32"
+        return self
+
     def section(self, name: str) -> dict[str, Any]:
         """A section as plain JSON-able data (what fingerprints hash)."""
         data = getattr(self, name).model_dump(mode="json")
@@ -359,10 +347,6 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply `--set a.b=value` overrides (values parsed as YAML scalars/lists)."""
     raw = copy.deepcopy(raw)
@@ -376,7 +360,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_scalar(value)
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
     return raw
 
 
@@ -392,23 +376,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(raw).__name__}")
     merged = apply_overrides(raw, overrides)
-    origin = _resolve_registry_root(merged, overrides, path)
+    origin = resolve_registry_root(merged, overrides, path)
     cfg = config_from_dict(merged, origin=str(path), source_path=str(path.resolve()))
     cfg.registry._root_from = origin
     return cfg
-
-
-def _resolve_registry_root(raw: dict[str, Any], overrides: list[str] | None, path: Path) -> str:
-    """Set `registry.root` in `raw` by `registry_root`'s rule; returns where it came from."""
-    section = raw.get("registry")
-    if section is not None and not isinstance(section, dict):
-        return f"registry.root in {path}"  # validation names the bad section
-    given = (section or {}).get("root")
-    from_set = "registry.root" in {item.split("=", 1)[0].strip() for item in overrides or []}
-    root, origin = registry_root(given if from_set else None, given, flag_name="--set registry.root",
-                                 config_origin=f"registry.root in {path}")
-    raw["registry"] = {**(section or {}), "root": root}
-    return origin
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "<dict>", source_path: str | None = None) -> PipelineConfig:
@@ -421,8 +392,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<dict>", source_path: s
 
 
 def check_runs_dir(config: PipelineConfig) -> None:
-    """Run records are written with plain file I/O: `cluster.runs_dir` is never an object store.
-    Checked by every run and, before a job is submitted, by `loraflow submit`."""
+    """Run records are plain files: `cluster.runs_dir` is never an object store (checked by run and submit)."""
     if is_uri(config.cluster.runs_dir):
         raise ConfigError(f"cluster.runs_dir {config.cluster.runs_dir!r}: run records are written with plain file "
                           "I/O, so runs_dir must be a path on the cluster, e.g. a shared volume "

@@ -19,7 +19,7 @@ from typing import Any
 from workflows.artifacts import LockHeldError, is_uri
 from workflows.cli.console import captured
 from workflows.cli.starter import STARTER_CONFIG
-from workflows.config import ConfigError, PipelineConfig, load_config, registry_root
+from workflows.config import ConfigError, PipelineConfig, load_config
 from workflows.dag import plan
 from workflows.ops.jobs import TERMINAL, JobsError, job_logs, job_status, stop_job, submit
 from workflows.ops.submission import UnreachableInputError
@@ -27,6 +27,7 @@ from workflows.pipeline import evaluate_adapter, new_run_id, run_pipeline
 from workflows.registry.base import Ref
 from workflows.registry.references import resolve_adapter
 from workflows.registry.sqlite import Registry
+from workflows.registry_root import registry_root
 from workflows.retrain import retrain
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_GATE, EXIT_LOCKED = 0, 1, 2, 3, 4

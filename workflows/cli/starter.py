@@ -8,7 +8,7 @@ version: 1
 model:
   name: smollm2-135m        # built-in alias, an HF model id, or a local folder
   task: causal_lm           # causal_lm | seq_cls (classification) | token_cls (named entities, slot spans)
-  dtype: float32            # frozen base weights: float32 | bfloat16 | auto (bf16 where native; adapters stay fp32)
+  # dtype: auto             # frozen base weights: float32 | bfloat16 | float16 | auto (bf16 where native); unset: auto on GPU, float32 on CPU
   # pooling: mean           # seq_cls encoders: feed the head the mean of the token states (sentence encoders)
 
 data:
