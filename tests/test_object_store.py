@@ -178,6 +178,7 @@ def bucket_run(tmp_path_factory, s3):
     return root, cfg, work, first, metrics_writes
 
 
+@pytest.mark.train_group
 def test_every_stage_output_is_committed_in_the_bucket(bucket_run, s3):
     _, _, _, manifest, _ = bucket_run
     assert statuses(manifest) == ["ran"] * 4
@@ -190,6 +191,7 @@ def test_every_stage_output_is_committed_in_the_bucket(bucket_run, s3):
         assert f"work/{stage}/{fp}/{SUCCESS}" in keys and f"work/{stage}/{fp}/{must_hold}" in keys
 
 
+@pytest.mark.train_group
 def test_ray_train_checkpoints_live_under_the_work_dir_in_the_bucket(bucket_run, s3):
     _, _, _, manifest, _ = bucket_run
     run_name = manifest["stages"]["train"]["outputs"]["run_name"]
@@ -199,6 +201,7 @@ def test_ray_train_checkpoints_live_under_the_work_dir_in_the_bucket(bucket_run,
     assert f"work/ray_train/{run_name}/final/adapter/adapter_model.safetensors" in keys
 
 
+@pytest.mark.train_group
 def test_rank_0_publishes_the_metrics_log_at_every_checkpoint_not_only_at_the_end(bucket_run):
     *_, metrics_writes = bucket_run  # 4 steps, checkpointed every 2
     uploads = [q for method, q in metrics_writes if (method, q) == ("POST", "uploads")  # multipart
@@ -206,6 +209,7 @@ def test_rank_0_publishes_the_metrics_log_at_every_checkpoint_not_only_at_the_en
     assert len(uploads) == 3  # after the checkpoints at steps 2 and 4, and when rank 0 stopped
 
 
+@pytest.mark.train_group
 def test_the_run_registered_a_version_in_the_local_registry(bucket_run):
     root, _, _, manifest, _ = bucket_run
     reg = manifest["stages"]["register"]["outputs"]
@@ -214,6 +218,7 @@ def test_the_run_registered_a_version_in_the_local_registry(bucket_run):
     assert (root / "runs" / manifest["run_id"] / "loss.png").is_file()  # report read metrics from the bucket
 
 
+@pytest.mark.train_group
 def test_second_run_is_all_cache_hits_without_starting_ray(bucket_run):
     root, cfg, work, _, _ = bucket_run
     manifest = loraflow("run", str(cfg), *work, cwd=root)
@@ -221,6 +226,7 @@ def test_second_run_is_all_cache_hits_without_starting_ray(bucket_run):
     assert manifest["ray_started"] is False
 
 
+@pytest.mark.train_group
 def test_dag_reports_the_bucket_cache_status(bucket_run):
     root, cfg, work, _, _ = bucket_run
     rows = {r["stage"]: r for r in loraflow("dag", str(cfg), *work, "--set", "train.lr=1e-3", cwd=root)}

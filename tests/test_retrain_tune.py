@@ -16,6 +16,8 @@ import yaml
 
 from workflows.registry.sqlite import Registry
 
+pytestmark = pytest.mark.train_group
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "data"))
 from make_demo_data import make_row  # noqa: E402

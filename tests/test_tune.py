@@ -31,7 +31,7 @@ from make_demo_data import make_row  # noqa: E402
 TRIALS, BUDGET = 4, 12
 # The module's one sweep (two driver runs, eight Ray Train runs' start-ups, evaluate) is set up
 # inside the first test: on a loaded 2-core machine it can pass the suite's 600 s per test.
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.train_group]
 
 
 def write_sweep(root: Path) -> Path:

@@ -24,6 +24,8 @@ from workflows.models import load_base
 from workflows.pipeline import run_pipeline
 from workflows.token_tags import entities, first_subtokens, split_words
 
+pytestmark = pytest.mark.train_group
+
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["restaurants | Could you book a table at Nopa in San Francisco for 2 people at 7 pm?",
          "hotels | I want to check in on March 3rd and stay at the Hilton in Seattle."]

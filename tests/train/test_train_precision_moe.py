@@ -22,6 +22,8 @@ FP16 = {"precision": "fp16", "max_steps": 4, "checkpoint_every": 2, "log_every":
         "eval_batches": 1}
 
 
+pytestmark = pytest.mark.train_group
+
 @pytest.fixture(scope="module")
 def prepared(ray_session, example_data, session_tmp):
     return prepared_gsm8k(example_data, session_tmp)
