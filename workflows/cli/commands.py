@@ -294,10 +294,12 @@ def _adapter_dir(spec: str | None, root: str | None) -> Iterator[Path | None]:
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    """transformers' weight-loading report and progress bars stay off the console unless asked."""
+    """transformers' weight-loading report and progress bars stay off the console unless asked, here
+    and in a process this one starts (a model cache built on first use: `workflows.models`)."""
     if not verbose:
         from transformers.utils import logging as hf_logging
 
+        os.environ.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
 
