@@ -1,5 +1,0 @@
-import sys
-
-from workflows.cli import main
-
-sys.exit(main())

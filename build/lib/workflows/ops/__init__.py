@@ -1,1 +1,0 @@
-"""Cluster operations: Ray Job submission, local clusters, authentication. Imports base modules only."""

@@ -1,1 +1,0 @@
-"""The prepare stage: raw records in, tokenized, masked, packed Parquet shards out (Ray Data)."""

@@ -1,1 +1,0 @@
-"""The adapter registry (versions, lineage, aliases) and the register stage with its promotion gate."""

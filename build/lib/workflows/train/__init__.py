@@ -1,1 +1,0 @@
-"""The train stage: Ray Train DDP LoRA fine-tuning, adapter-only checkpoints and resume."""
