@@ -24,7 +24,7 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
 
 def native_bf16(device: str = "cpu") -> bool:
     """Whether `device` does bf16 matmuls natively: a CUDA GPU of compute capability 8.0+ (not
-    emulated bf16, which `torch.cuda.is_bf16_supported()` also counts: T4 and V100 emulate it,
+    emulated bf16, which torch's bf16 check counts unless told not to: T4 and V100 emulate it,
     slower than fp16), or a CPU with AVX512-BF16 or AMX. Shared by `resolve_dtype` (the base's
     dtype) and the trainer's `precision: auto` (its autocast dtype)."""
     import torch
