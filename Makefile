@@ -16,7 +16,11 @@ LOG := $(VENV)/install.log
 FAST := -m "not train_group"
 
 ifeq ($(INSTALLER),uv)
-INSTALL := $(VENV)/bin/uv pip install --python $(PY)
+# --compile-bytecode: uv writes no .pyc by default (pip does), and where PYTHONDONTWRITEBYTECODE is
+# set (CI machines, containers) Python never writes them either: every Ray worker process then
+# recompiles torch's, transformers' and Ray's sources on import (measured: 9.3 s against 5.6 s for
+# the imports of one Train worker), which made the whole suite about 2x slower.
+INSTALL := $(VENV)/bin/uv pip install --compile-bytecode --python $(PY)
 else
 INSTALL := $(PIP) install
 endif

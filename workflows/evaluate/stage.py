@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from workflows import storage
+from workflows import shards, storage
 from workflows.adapters import AdapterFiles
 from workflows.artifacts import atomic_write_json, is_uri, stage_output
 from workflows.config import PipelineConfig
@@ -136,8 +136,7 @@ def score_dataset(files: list[str], spec: ScorerSpec, actors: int, rows: int, ou
     `driver_writes`: `out_dir` is visible only on the driver's node, so the driver writes the files.
     """
     window = call_rows(spec, actors, rows)
-    paths, fs = storage.ray_paths(files)
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(_INPUT_COLUMNS[spec.task])
+    ds = shards.ray_parquet(files).select_columns(_INPUT_COLUMNS[spec.task])
     scored = ds.repartition(target_num_rows_per_block=window).map_batches(
         EvalScorer, fn_constructor_args=(spec,), batch_size=window, batch_format="numpy", num_cpus=1,
         num_gpus=spec.gpus or None, compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2))

@@ -33,7 +33,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 import lora_core
-from workflows import __version__, storage
+from workflows import __version__, shards, storage
 from workflows.adapters import AdapterFiles
 from workflows.artifacts import UserError, atomic_write_json, is_uri, redact, stage_output
 from workflows.config import PipelineConfig, TrainSection
@@ -144,15 +144,13 @@ def train_datasets(prepared: PreparedData, tc: TrainSection) -> dict[str, Any]:
 
     Eval keeps only the rows `eval_batches` batches per worker can use, always materialized.
     """
-    paths, fs = storage.ray_paths(prepared.train_files)
-    train = _in_file_order(ray.data.read_parquet(paths, filesystem=fs))
+    train = _in_file_order(shards.ray_parquet(prepared.train_files))
     if sum(storage.size(f) for f in prepared.train_files) <= MATERIALIZE_MAX_BYTES:
         train = train.materialize()
     datasets = {"train": train}
     if prepared.eval_files:
         rows = tc.eval_batches * tc.batch_size * tc.num_workers
-        paths, fs = storage.ray_paths(prepared.eval_files)
-        datasets["eval"] = _in_file_order(ray.data.read_parquet(paths, filesystem=fs)).limit(rows).materialize()
+        datasets["eval"] = _in_file_order(shards.ray_parquet(prepared.eval_files)).limit(rows).materialize()
     return datasets
 
 
