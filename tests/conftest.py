@@ -21,6 +21,10 @@ os.environ["HOME"] = str(_SESSION_TMP / "home")
 os.environ.setdefault("LORAFLOW_CACHE", str(_SESSION_TMP / "cache"))
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
+# Ray Train 2.60 starts a preemption-watcher actor (a process) for every run, for spot nodes that
+# Ray is told will drain; no test drains a node (node loss is a killed node), so it would only cost
+# a process start per Train run.
+os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
 os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_DEDUP_LOGS"] = "0"

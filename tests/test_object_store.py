@@ -2,9 +2,8 @@
 
 Unit tests pin the commit protocol against the bucket: files without `_SUCCESS` are not a stage,
 `_SUCCESS` is the last object a publish writes, a committed stage is never overwritten, and an
-unusable store fails naming the URI. One end-to-end CLI run (its own local Ray, which inherits the
-AWS_* settings) puts every stage output and Ray Train's checkpoints in the bucket; a second run is
-all cache hits without starting Ray.
+unusable store fails naming the URI. The end-to-end run whose every stage output and Ray Train
+checkpoint lands in the bucket is tests/test_isolated_nodes.py (nodes that share no disk).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from workflows.storage import StorageError, WorkStore
 
 sys.path.insert(0, str(Path(__file__).parent))
 from s3_support import BUCKET, free_port  # noqa: E402
-from test_pipeline_e2e import pipeline_config, statuses, write_rows  # noqa: E402
+from test_pipeline_e2e import write_rows  # noqa: E402
 
 
 def s3_config(tmp_path: Path, work_uri: str, **cluster):
@@ -145,92 +144,6 @@ def test_runs_dir_stays_local(tmp_path):
     config = s3_config(tmp_path, "s3://bucket/work", runs_dir="s3://bucket/runs")
     with pytest.raises(ConfigError, match="cluster.runs_dir 's3://bucket/runs'"):
         Layout.of(config)
-
-
-# --- one pipeline run through the CLI -------------------------------------------------------------
-
-
-def loraflow(*args: str, cwd: Path, timeout: int = 300) -> dict:
-    """A `loraflow` subprocess that starts its own local Ray (inheriting the AWS_* settings)."""
-    proc = subprocess.run([sys.executable, "-m", "workflows.cli", *args, "--json"],
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
-
-
-@pytest.fixture(scope="module")
-def bucket_run(tmp_path_factory, s3):
-    root = tmp_path_factory.mktemp("s3e2e")
-    write_rows(root / "rows.jsonl", 120, seed=1)
-    cfg = pipeline_config(root, max_steps=4)
-    # No dashboard and no generation: seconds saved on a small machine, nothing this module checks.
-    work = ["--set", f"cluster.work_dir={s3.uri('work')}", "--set", "cluster.dashboard=false",
-            "--set", "eval.generation.num_prompts=0"]
-    s3.record("reset-recording")
-    s3.record("start-recording")
-    try:
-        first = loraflow("run", str(cfg), *work, cwd=root)
-    finally:
-        s3.record("stop-recording")
-    run_name = first["stages"]["train"]["outputs"]["run_name"]
-    metrics_writes = [(method, query) for method, key, query in s3.recorded_writes()
-                      if key == f"work/ray_train/{run_name}/metrics.jsonl"]
-    return root, cfg, work, first, metrics_writes
-
-
-@pytest.mark.train_group
-def test_every_stage_output_is_committed_in_the_bucket(bucket_run, s3):
-    _, _, _, manifest, _ = bucket_run
-    assert statuses(manifest) == ["ran"] * 4
-    for stage, must_hold in (("prepare", "manifest.json"), ("train", "adapter/adapter_config.json"),
-                             ("evaluate", "metrics.json"), ("register", "register.json")):
-        out = manifest["stages"][stage]["outputs"]["dir"]
-        fp = manifest["stages"][stage]["fingerprint"]
-        assert out == s3.uri(f"work/{stage}/{fp}")  # the run manifest records the store URIs
-        keys = s3.keys(f"work/{stage}/{fp}")
-        assert f"work/{stage}/{fp}/{SUCCESS}" in keys and f"work/{stage}/{fp}/{must_hold}" in keys
-
-
-@pytest.mark.train_group
-def test_ray_train_checkpoints_live_under_the_work_dir_in_the_bucket(bucket_run, s3):
-    _, _, _, manifest, _ = bucket_run
-    run_name = manifest["stages"]["train"]["outputs"]["run_name"]
-    keys = s3.keys(f"work/ray_train/{run_name}")
-    assert any("/checkpoint_" in k for k in keys)
-    assert f"work/ray_train/{run_name}/checkpoint_manager_snapshot.json" in keys
-    assert f"work/ray_train/{run_name}/final/adapter/adapter_model.safetensors" in keys
-
-
-@pytest.mark.train_group
-def test_rank_0_publishes_the_metrics_log_at_every_checkpoint_not_only_at_the_end(bucket_run):
-    *_, metrics_writes = bucket_run  # 4 steps, checkpointed every 2
-    uploads = [q for method, q in metrics_writes if (method, q) == ("POST", "uploads")  # multipart
-               or method == "PUT" and "partNumber=" not in q]                           # single PUT
-    assert len(uploads) == 3  # after the checkpoints at steps 2 and 4, and when rank 0 stopped
-
-
-@pytest.mark.train_group
-def test_the_run_registered_a_version_in_the_local_registry(bucket_run):
-    root, _, _, manifest, _ = bucket_run
-    reg = manifest["stages"]["register"]["outputs"]
-    assert reg["version"] == 1 and reg["decision"]["promote"] is True
-    assert (root / "registry" / "adapters" / "e2e" / "1" / "adapter_config.json").is_file()
-    assert (root / "runs" / manifest["run_id"] / "loss.png").is_file()  # report read metrics from the bucket
-
-
-@pytest.mark.train_group
-def test_second_run_is_all_cache_hits_without_starting_ray(bucket_run):
-    root, cfg, work, _, _ = bucket_run
-    manifest = loraflow("run", str(cfg), *work, cwd=root)
-    assert statuses(manifest) == ["hit"] * 4
-    assert manifest["ray_started"] is False
-
-
-@pytest.mark.train_group
-def test_dag_reports_the_bucket_cache_status(bucket_run):
-    root, cfg, work, _, _ = bucket_run
-    rows = {r["stage"]: r for r in loraflow("dag", str(cfg), *work, "--set", "train.lr=1e-3", cwd=root)}
-    assert rows["prepare"]["status"] == "hit" and rows["train"]["status"] == "miss"
 
 
 def test_a_failed_forced_rerun_puts_the_complete_output_back(tmp_path):

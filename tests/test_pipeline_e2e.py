@@ -6,6 +6,7 @@ Each `loraflow` call is a real subprocess (a new driver) joined to the session's
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -30,24 +31,6 @@ def write_rows(path: Path, n: int, seed: int) -> None:
     path.write_text("".join(json.dumps(make_row(rng)) + "\n" for _ in range(n)))
 
 
-def pipeline_config(root: Path, **train) -> Path:
-    cfg = {
-        "model": {"name": "tiny-llama"},
-        "data": {"source": "rows.jsonl", "format": "instruction",
-                 "fields": {"instruction": "instruction", "input": "input", "output": "output"},
-                 "max_seq_len": 128, "eval_fraction": 0.1},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"num_workers": 1, "batch_size": 4, "lr": 5e-3, "max_steps": 6, "log_every": 2,
-                  "checkpoint_every": 2, **train},
-        "eval": {"batch_size": 8, "generation": {"num_prompts": 2, "max_new_tokens": 4}},
-        "registry": {"root": str(root / "registry"), "name": "e2e", "gate": {"metric": "loss"}},
-        "cluster": {"work_dir": str(root / "work"), "runs_dir": str(root / "runs")},
-    }
-    path = root / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def loraflow(*args: str, address: str, cwd: Path, timeout: int = 400) -> dict:
     proc = subprocess.run([sys.executable, "-m", "workflows.cli", *args, "--json", "--address", address],
                           cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -64,34 +47,69 @@ def address(ray_address) -> str:
     return ray_address
 
 
+def demo_config(root: Path) -> Path:
+    """configs/demo.yaml on the tiny model, cut in size: its first 400 rows (copied into `root`: a test
+    edits them; 8 held out), 4 of its 24 generated answers of 8 tokens; its 36 steps and progress
+    line every 4 as shipped. Every output goes under `root`."""
+    with open(REPO / "data" / "demo" / "extraction.jsonl") as src:
+        (root / "rows.jsonl").write_text("".join(itertools.islice(src, 400)))
+    cfg = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    cfg["model"] = {"name": "tiny-llama", "dtype": "float32"}
+    cfg["data"]["source"] = "rows.jsonl"
+    cfg["eval"]["generation"].update(num_prompts=4, max_new_tokens=8)
+    cfg["registry"]["root"] = str(root / "registry")
+    cfg["registry"]["gate"] = {"metric": "loss"}  # a tiny random model matches no answer, before or after
+    cfg["cluster"] = {"work_dir": str(root / "work"), "runs_dir": str(root / "runs")}
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, address):
+    """The demo, cut in size, as a user runs it, console and all: the console test reads what it
+    printed, the cache and rerun tests start from it."""
     root = tmp_path_factory.mktemp("e2e")
-    write_rows(root / "rows.jsonl", 160, seed=1)
-    cfg = pipeline_config(root)
-    return root, cfg, loraflow("run", str(cfg), address=address, cwd=root)
+    cfg = demo_config(root)
+    proc = subprocess.run([sys.executable, "-m", "workflows.cli", "run", str(cfg), "--address", address],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (manifest,) = (json.loads(p.read_text()) for p in (root / "runs").glob("*/manifest.json"))
+    return root, cfg, manifest, proc
 
 
 def test_full_run_executes_every_stage_and_registers_a_champion(first_run):
-    root, _, manifest = first_run
+    root, _, manifest, _ = first_run
     assert statuses(manifest) == ["ran"] * 4
     reg = manifest["stages"]["register"]["outputs"]
-    assert reg["name"] == "e2e" and reg["version"] == 1 and reg["decision"]["promote"] is True
+    assert reg["name"] == "demo" and reg["version"] == 1 and reg["decision"]["promote"] is True
     assert (Path(manifest["stages"]["train"]["outputs"]["adapter"]) / "adapter_config.json").is_file()
     run_dir = root / "runs" / manifest["run_id"]
     assert json.loads((run_dir / "manifest.json").read_text())["run_id"] == manifest["run_id"]
     assert (run_dir / "report.md").is_file() and (run_dir / "loss.png").is_file()
 
 
+def test_the_demo_prints_at_most_40_lines_and_logs_everything(first_run):
+    """The console shows the stage banners, the rank-0 progress lines and the summary; the rest
+    goes to the run log."""
+    root, _, manifest, proc = first_run
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    progress = [line for line in lines if line.startswith("[train] step")]
+    assert [line.split()[2] for line in progress] == [f"{s}/36" for s in range(4, 37, 4)]
+    assert not any("Reporting training result" in line or "LOAD REPORT" in line or "pid=" in line for line in lines)
+    assert "RayTrainWorker" in (root / "runs" / manifest["run_id"] / "run.log").read_text()
+
+
 def test_second_run_hits_every_stage_without_starting_ray(first_run, address):
-    root, cfg, _ = first_run
+    root, cfg, *_ = first_run
     manifest = loraflow("run", str(cfg), address=address, cwd=root)
     assert statuses(manifest) == ["hit"] * 4
     assert manifest["ray_started"] is False
 
 
 def test_from_evaluate_reruns_a_complete_stage_and_replaces_it(first_run, address):
-    root, cfg, first = first_run
+    root, cfg, first, _ = first_run
     manifest = loraflow("run", str(cfg), "--from", "evaluate", address=address, cwd=root)
     assert statuses(manifest) == ["hit", "hit", "ran", "ran"]
     assert manifest["stages"]["evaluate"]["fingerprint"] == first["stages"]["evaluate"]["fingerprint"]
@@ -103,9 +121,9 @@ def test_from_evaluate_reruns_a_complete_stage_and_replaces_it(first_run, addres
 
 
 def test_dag_reports_cache_status_without_running(first_run, address):
-    root, cfg, _ = first_run
+    root, cfg, *_ = first_run
     proc = subprocess.run([sys.executable, "-m", "workflows.cli", "dag", str(cfg), "--json",
-                           "--set", "train.lr=1e-3"], cwd=root, capture_output=True, text=True, timeout=120)
+                           "--set", "train.lr=2e-3"], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = {r["stage"]: r for r in json.loads(proc.stdout)}
     assert rows["prepare"]["status"] == "hit" and rows["train"]["status"] == "miss"
@@ -113,7 +131,7 @@ def test_dag_reports_cache_status_without_running(first_run, address):
 
 
 def test_edited_data_reruns_from_prepare(first_run, address):
-    root, cfg, _ = first_run
+    root, cfg, *_ = first_run
     with open(root / "rows.jsonl", "a") as f:
         f.write(json.dumps(make_row(random.Random(99))) + "\n")
     manifest = loraflow("prepare", str(cfg), address=address, cwd=root)
@@ -126,7 +144,7 @@ def test_edited_data_reruns_from_prepare(first_run, address):
 
 
 def test_driver_sigkilled_during_train_resumes_from_checkpoint(first_run, address):
-    root, cfg, _ = first_run
+    root, cfg, *_ = first_run
     longer = ["--set", "train.max_steps=30", "--set", "train.checkpoint_every=3", "--set", "train.log_every=3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "workflows.cli", "run", str(cfg), *longer, "--address", address],
@@ -152,9 +170,9 @@ def test_driver_sigkilled_during_train_resumes_from_checkpoint(first_run, addres
 
 
 def test_evaluate_scores_a_registry_reference_against_the_base(first_run, address):
-    root, cfg, _ = first_run
+    root, cfg, *_ = first_run
     before = set((root / "runs").iterdir())
-    out = loraflow("evaluate", str(cfg), "--adapter", "e2e@champion", address=address, cwd=root)
+    out = loraflow("evaluate", str(cfg), "--adapter", "demo@champion", address=address, cwd=root)
     models = out["metrics"]["models"]
     assert {"base", "new"} <= set(models) and models["new"]["rows"] == models["base"]["rows"] > 0
     assert Path(out["dir"], "metrics.json").is_file()

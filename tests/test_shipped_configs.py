@@ -1,6 +1,6 @@
 """The example configs a user runs first (`configs/*.yaml`) keep working: each one validates and
 plans, and the real-data examples run their whole DAG as shipped, on their real model and data,
-cut to a slice (a few rows, two steps, one worker) so that a change that breaks a shipped config is
+cut to a slice (a few rows, two steps of the shipped 2 DDP workers) so that a change that breaks a shipped config is
 caught here, not by a user. What the full runs learn is measured in bench/results/, not here.
 """
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 # A slice of each real-data example: what changes is only how much runs, never what.
-SLICE = ["data.max_rows=48", "data.max_eval_rows=16", "train.num_workers=1", "train.max_steps=2",
+SLICE = ["data.max_rows=48", "data.max_eval_rows=16", "train.max_steps=2",
          "train.log_every=1", "train.eval_every=null", "train.checkpoint_every=null",
          "eval.bootstrap_samples=50"]
 SMOKES = {
@@ -55,6 +55,8 @@ def test_a_slice_of_the_shipped_example_runs_end_to_end(name, ray_session, tmp_p
     assert [manifest["stages"][s]["status"] for s in ("prepare", "train", "evaluate", "register")] == ["ran"] * 4
     train = manifest["stages"]["train"]["outputs"]["metrics"]
     assert train["steps"] == 2
+    # the real base under the shipped 2-worker DDP: only the adapter's bytes are all-reduced
+    assert train["allreduce_bytes_per_step_distinct"] == [train["adapter_param_bytes"]] and train["world_size"] == 2
     models = manifest["stages"]["evaluate"]["outputs"]["metrics"]["models"]
     assert models["new"]["rows"] == models["base"]["rows"] > 0
     assert manifest["stages"]["register"]["outputs"]["version"] == 1

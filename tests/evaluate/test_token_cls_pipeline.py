@@ -1,5 +1,6 @@
-"""Token classification end to end on a slice of SGD slot spans with MiniLM: prepare -> train (2 DDP
-workers) -> evaluate -> register, then `predict`. One module-scoped run feeds every test here.
+"""Token classification end to end: the shipped configs/sgd_slots.yaml (MiniLM, SGD slot spans) on a
+slice: prepare -> train (2 DDP workers) -> evaluate -> register, then `predict`. One module-scoped run
+feeds every test here (and is the shipped config's CI smoke).
 
 `max_seq_len` is 32, so some rows are longer: training truncates them (counted) and evaluation scores
 every word of them in windows.
@@ -31,23 +32,17 @@ TEXTS = ["restaurants | Could you book a table at Nopa in San Francisco for 2 pe
          "hotels | I want to check in on March 3rd and stay at the Hilton in Seattle."]
 
 
+# configs/sgd_slots.yaml as shipped, cut to a slice: what changes is how much runs (rows, steps, the
+# warmup inside them, bootstrap resamples) and `max_seq_len` 32, so that some rows are longer.
+SLICE = ["data.max_rows=900", "data.max_eval_rows=300", "data.max_seq_len=32", "train.max_steps=60",
+         "train.warmup_steps=6", "train.log_every=20", "eval.bootstrap_samples=200"]
+
+
 @pytest.fixture(scope="module")
 def run(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("token_cls")
-    (root / "pipeline.yaml").write_text(json.dumps({
-        "model": {"name": "minilm-l6", "task": "token_cls"},
-        "data": {"source": str(REPO / "data/sgd-slots/train.jsonl.gz"),
-                 "eval_source": str(REPO / "data/sgd-slots/test.jsonl.gz"), "format": "token_classification",
-                 "max_seq_len": 32, "max_rows": 900, "max_eval_rows": 300},
-        "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value", "dense"]},
-        "train": {"num_workers": 2, "batch_size": 16, "lr": 3e-3, "head_lr": 1e-2, "max_steps": 60,
-                  "warmup_steps": 6, "log_every": 20, "threads_per_worker": 1},
-        "eval": {"batch_size": 32, "bootstrap_samples": 200},
-        "registry": {"root": str(root / "registry"), "name": "slots",
-                     "gate": {"metric": "entity_f1", "direction": "max"}},
-        "cluster": {"work_dir": str(root / "work"), "runs_dir": str(root / "runs")},
-    }))
-    config = load_config(root / "pipeline.yaml")
+    config = load_config(REPO / "configs" / "sgd_slots.yaml", SLICE + [
+        f"registry.root={root / 'registry'}", f"cluster.work_dir={root / 'work'}", f"cluster.runs_dir={root / 'runs'}"])
     manifest = run_pipeline(config)
     stages = {s: manifest["stages"][s]["outputs"] for s in ("prepare", "train", "evaluate", "register")}
     metrics = stages["evaluate"]["metrics"]
@@ -82,8 +77,8 @@ def test_adapter_saves_the_token_classifier_like_peft_and_ddp_reduces_only_adapt
     names = json.loads((adapter / "loraflow.json").read_text())["label_names"]
     head_bytes = (384 * len(names) + len(names)) * 4  # the classifier's fp32 weight and bias
     assert m["allreduce_bytes_per_step_distinct"] == [m["adapter_param_bytes"]]
-    # r=8 on query, value and the three dense layers of 6 layers of 384 (intermediate 1536), fp32
-    lora_bytes = 6 * 8 * (3 * (384 + 384) + 2 * (384 + 1536)) * 4
+    # r=16 on query, key, value and the three dense layers of 6 layers of 384 (intermediate 1536), fp32
+    lora_bytes = 6 * 16 * (4 * (384 + 384) + 2 * (384 + 1536)) * 4
     assert m["adapter_param_bytes"] == lora_bytes + head_bytes
 
 

@@ -153,18 +153,3 @@ def test_a_missing_prepared_dataset_is_refused(ray_session, example_data, tmp_pa
     with pytest.raises(FileNotFoundError, match="no _SUCCESS marker"):
         run_train(gsm8k_config(example_data), PreparedData.load(tmp_path / "never-prepared"), tmp_path / "stage",
                   storage_path=tmp_path / "ray_train", run_name="x-a0")
-
-
-def test_smollm2_short_two_worker_run_on_gsm8k_lowers_the_eval_loss(prepared, example_data, tmp_path):
-    """The real model on the real data: 8 steps of 2 workers x 2 rows of up to 128 tokens.
-
-    Same tokenizer as tiny-llama, so the session's prepared shards serve. Eval is the same 8 held-out
-    GSM8K rows before and after; the format alone (answer layout, `####`) is learned in these steps.
-    Measured here: 2.05 before, 1.67 after these 8 steps (a drop of 0.39; 16 steps reached 1.44), so
-    the asserted drop of 0.1 keeps a margin of ~4x.
-    """
-    config = gsm8k_config(example_data, model="smollm2-135m", batch_size=2, grad_accum=1, max_steps=8,
-                          lr=2e-3, log_every=8, checkpoint_every=None, eval_every=None, eval_batches=2)
-    m = run_train(config, prepared, tmp_path / "stage", storage_path=tmp_path / "ray_train",
-                  run_name="smollm2-a0").metrics
-    assert m["eval_loss"] < m["eval_loss_initial"] - 0.1, (m["eval_loss_initial"], m["eval_loss"])

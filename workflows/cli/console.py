@@ -22,12 +22,14 @@ from typing import BinaryIO
 # Lines loraflow itself prints (pipeline banners, stage summaries, the train workers' progress line).
 OWN = re.compile(r"^(==> |\[(ray|prepare|train|evaluate|register|retrain|tune)\] |error: |warning: )")
 RAY_PREFIX = re.compile(r"^\((?:[A-Za-z_]+ )?pid=\d+(?:, ip=[\d.]+)?\) ")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Colours, and the cursor moves progress bars relayed from Ray workers put in front of the next line.
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def shown(line: str) -> str | None:
-    """The console form of a captured line, or None when it belongs in the log only."""
-    line = RAY_PREFIX.sub("", ANSI.sub("", line))
+    """The console form of a captured line, or None when it belongs in the log only (what a
+    progress bar redrew with a carriage return before it is dropped)."""
+    line = RAY_PREFIX.sub("", ANSI.sub("", line).rsplit("\r", 1)[-1])
     return line if OWN.match(line) else None
 
 
