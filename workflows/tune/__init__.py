@@ -90,6 +90,7 @@ def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str
     run_name = _trial_run_name(trial_id)
     if _replay_finished(storage.join(storage_path, run_name)):
         return
+    _quiet_data_progress()
     prepared = PreparedData.load(prepared_dir)
     validator = trial_validator(prepared.manifest, prepared.validation_files, cfg.model.name, cfg.tune.metric,
                                 cfg.eval.batch_size, cfg.eval.generation)
@@ -97,6 +98,16 @@ def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str
                             callbacks=[TuneReportCallback()], validator=validator,
                             progress_prefix=f"[trial {trial_id}]")
     trainer.fit()
+
+
+def _quiet_data_progress() -> None:
+    """No Ray Data progress bars from a trial (its datasets are built in the trial's actor). Ray
+    relays a worker's bars to the driver, which redraws them with cursor movements written before
+    the next line: the sweep's own console lines (`[tune] trial ...`) then no longer start the line
+    and the console drops them, and the bars of trials running at once garble each other."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
 
 
 def _replay_finished(run_dir: str) -> bool:
