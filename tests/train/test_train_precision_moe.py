@@ -1,8 +1,8 @@
 """fp16 training of a classifier on an fp16 base with a gradient scaler (GPUs without bf16), a mixture of experts under DDP, and a
 node's model cache built by whichever training worker gets there first.
 
-Two Train runs in all: the fp16 run is also the one interrupted and resumed, and the mixture of
-experts trains in the group whose workers first build the model cache.
+Two Train runs in all: the fp16 run is also the one whose worker is SIGKILLed, replaced and resumed,
+and the mixture of experts trains in the group whose workers first build the model cache.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import gzip
 import json
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -75,16 +76,23 @@ def prepared_fp16_cls(ray_session, banking77_slice):
     return run_prepare(banking77_fp16_config(banking77_slice), banking77_slice.parent / "prepared")
 
 
-def test_fp16_base_with_a_head_trains_with_a_scaler_that_is_checkpointed_and_resumes_exactly(
-        prepared_fp16_cls, banking77_slice, tmp_path):
-    """One run, stopped after step 3 (last checkpoint: step 2) and restarted by Ray Train itself
-    (max_failures=1): the restarted workers load the step-2 checkpoint, scaler included, re-run step 3
-    and finish. Step 3 must come out bitwise the same in both attempts: adapter, loss, loss scale."""
+@pytest.fixture(scope="module")
+def fp16_run(prepared_fp16_cls, banking77_slice, tmp_path_factory):
+    """One fp16 run whose rank-1 worker SIGKILLs itself after step 3's report, once Ray Train has
+    registered the step-2 checkpoint; Ray Train replaces it (max_failures=1), and the new group
+    loads that checkpoint, scaler included, re-runs step 3 and finishes."""
+    work = tmp_path_factory.mktemp("fp16")
     config = banking77_fp16_config(banking77_slice)
     config.train.max_failures = 1
-    result = run_train(config, prepared_fp16_cls, tmp_path / "stage", storage_path=tmp_path / "rt", run_name="fp16",
-                       loop=functools.partial(probe_loop, stop_after_step=3, first_attempt_only=True))
-    m, run_dir = result.metrics, tmp_path / "rt" / "fp16"
+    result = run_train(config, prepared_fp16_cls, work / "stage", storage_path=work / "rt", run_name="fp16",
+                       loop=functools.partial(probe_loop, stop_after_step=3, first_attempt_only=True, sigkill_rank=1))
+    return {"result": result, "metrics": result.metrics, "run_dir": work / "rt" / "fp16"}
+
+
+def test_fp16_base_with_a_head_trains_with_a_scaler_that_is_checkpointed_and_resumes_exactly(fp16_run):
+    """Step 3 must come out bitwise the same in the killed attempt and in the resumed one: adapter,
+    loss, loss scale, gradient norm."""
+    m, run_dir = fp16_run["metrics"], fp16_run["run_dir"]
     assert m["steps"] == 4 and m["precision"] == "float16" and m["resumed_from_step"] == 2
     assert m["loss_scale"] > 0 and torch.isfinite(torch.tensor(m["train_loss"]))
     assert m["attn_implementation"] == "sdpa"  # what ran, recorded (CPU: never FlashAttention)
@@ -100,9 +108,23 @@ def test_fp16_base_with_a_head_trains_with_a_scaler_that_is_checkpointed_and_res
              if r["step"] == 3]
     assert len(step3) == 2 and step3[0] == step3[1], step3
 
-    a = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    a = load_file(str(fp16_run["result"].adapter_dir / "adapter_model.safetensors"))
     assert "base_model.model.classifier.weight" in a
     assert {k: t.dtype for k, t in a.items() if t.dtype != torch.float32} == {}  # head and LoRA trained in fp32
+
+
+def test_a_sigkilled_worker_is_replaced_and_resumes_from_the_registered_checkpoint(fp16_run):
+    """The fault half of the fp16 run (test_train_faults.py has the lost node)."""
+    records = adapter_digests(fp16_run["run_dir"], rank=1)
+    killed = {r["pid"] for r in records if r["resumed_from"] is None}
+    replacement = {r["pid"] for r in records if r["resumed_from"] is not None}
+    assert len(killed) == 1 and len(replacement) == 1 and killed != replacement, records
+    pid = killed.pop()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # dead
+    # It resumed from the checkpoint registered before the kill (step 2), never from scratch, so the
+    # work lost is under one checkpoint interval: step 3 only.
+    assert {r["resumed_from"] for r in records if r["resumed_from"] is not None} == {2}
+    assert fp16_run["metrics"]["resumed_from_step"] == 2 and fp16_run["metrics"]["steps"] == 4
 
 
 @pytest.fixture(scope="module")

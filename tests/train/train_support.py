@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +59,24 @@ ADAPTER_DIGESTS = "adapter-digests-rank{rank}.jsonl"
 
 
 def probe_loop(loop_config: dict[str, Any], stop_after_step: int | None = None,
-               first_attempt_only: bool = False) -> Any:
+               first_attempt_only: bool = False, sigkill_rank: int | None = None) -> Any:
     """`train_loop_per_worker` that records, per rank, under the run directory:
 
-    - `adapter-digests-rank<r>.jsonl`: at every report, {"step", "resumed_from", "digest"}: the sha256
-      of the trainable tensors after that step, and the step of the checkpoint this attempt started
-      from (None: from scratch); steps an attempt re-runs after a resume can so be compared with the
-      interrupted attempt's;
+    - `adapter-digests-rank<r>.jsonl`: at every report, {"step", "resumed_from", "digest", "pid"}:
+      the sha256 of the trainable tensors after that step, the step of the checkpoint this attempt
+      started from (None: from scratch) and the worker's process; steps an attempt re-runs after a
+      resume can so be compared with the interrupted attempt's;
     - `base-digest-rank<r>.json`: the sha256 of every frozen base tensor when the model was built and
       after training (written when the attempt finishes).
 
-    With `stop_after_step` every worker raises `StopTraining` after that step's report (with
-    `first_attempt_only`: only in an attempt that started without a checkpoint, so that Ray Train's
-    own restart, `max_failures` >= 1, resumes and finishes the run). It first waits until Ray Train
-    has registered every reported checkpoint: `report()` returns once a checkpoint is uploaded, not
-    once the controller has registered it, and raising at once races that (a loaded machine lost
-    the checkpoint and the "resumed" run started from scratch).
+    With `stop_after_step` every worker raises `StopTraining` after that step's report, or with
+    `sigkill_rank` that rank alone SIGKILLs its own process there (the others block in the next
+    step's all-reduce until Ray Train stops them); with `first_attempt_only`, only in an attempt that
+    started without a checkpoint, so that Ray Train's own restart (`max_failures` >= 1) resumes and
+    finishes the run. It first waits until Ray Train has registered every reported checkpoint:
+    `report()` returns once a checkpoint is uploaded, not once the controller has registered it, and
+    stopping at once races that (a loaded machine lost the checkpoint and the "resumed" run started
+    from scratch).
     """
     import ray.train
 
@@ -101,13 +105,16 @@ def probe_loop(loop_config: dict[str, Any], stop_after_step: int | None = None,
     def report(metrics, *args, **kwargs):
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {"step": metrics["step"], "resumed_from": resumed_from,
-                  "digest": tensors_digest(trainable_tensors(seen["model"]))}
+                  "digest": tensors_digest(trainable_tensors(seen["model"])), "pid": os.getpid()}
         with open(run_dir / ADAPTER_DIGESTS.format(rank=rank), "a") as f:
             f.write(json.dumps(record) + "\n")
         real_report(metrics, *args, **kwargs)
         if stop and metrics["step"] >= stop_after_step:
             ray.train.get_all_reported_checkpoints()
-            raise StopTraining(f"stopped after step {metrics['step']} (stop_after_step)")
+            if sigkill_rank is None:
+                raise StopTraining(f"stopped after step {metrics['step']} (stop_after_step)")
+            if rank == sigkill_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     worker.build_model, ray.train.report = build, report
     try:
@@ -129,7 +136,6 @@ def cache_then_train_loop(loop_config: dict[str, Any], cache: str) -> Any:
     SmolLM2's converted folder there, rank 1 first. The folder must come out complete (transformers
     writes nothing on a distributed rank other than 0 unless told to) and load on both ranks; each
     rank writes what it saw to `<cache>/rank<r>-saw.json`, then trains as usual with that cache."""
-    import os
     import time
 
     import ray.train
