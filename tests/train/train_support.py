@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -53,76 +55,97 @@ class StopTraining(RuntimeError):
     """Raised by every worker after the report of `stop_after_step`, as if the run were interrupted."""
 
 
-def stopping_loop(loop_config: dict[str, Any], stop_after_step: int) -> Any:
-    """`train_loop_per_worker`, interrupted after the report of step `stop_after_step`.
+ADAPTER_DIGESTS = "adapter-digests-rank{rank}.jsonl"
 
-    It waits until Ray Train has registered every reported checkpoint first: `report()` returns
-    once a checkpoint is uploaded, not once the controller has registered it, and raising at once
-    races that (a loaded machine lost the checkpoint and the "resumed" run started from scratch).
+
+def probe_loop(loop_config: dict[str, Any], stop_after_step: int | None = None,
+               first_attempt_only: bool = False, sigkill_rank: int | None = None) -> Any:
+    """`train_loop_per_worker` that records, per rank, under the run directory:
+
+    - `adapter-digests-rank<r>.jsonl`: at every report, {"step", "resumed_from", "digest", "pid"}:
+      the sha256 of the trainable tensors after that step, the step of the checkpoint this attempt
+      started from (None: from scratch) and the worker's process; steps an attempt re-runs after a
+      resume can so be compared with the interrupted attempt's;
+    - `base-digest-rank<r>.json`: the sha256 of every frozen base tensor when the model was built and
+      after training (written when the attempt finishes).
+
+    With `stop_after_step` every worker raises `StopTraining` after that step's report, or with
+    `sigkill_rank` that rank alone SIGKILLs its own process there (the others block in the next
+    step's all-reduce until Ray Train stops them); with `first_attempt_only`, only in an attempt that
+    started without a checkpoint, so that Ray Train's own restart (`max_failures` >= 1) resumes and
+    finishes the run. It first waits until Ray Train has registered every reported checkpoint:
+    `report()` returns once a checkpoint is uploaded, not once the controller has registered it, and
+    stopping at once races that (a loaded machine lost the checkpoint and the "resumed" run started
+    from scratch).
     """
     import ray.train
 
-    from workflows.train.worker import train_loop_per_worker
-
-    real_report = ray.train.report
-
-    def report(metrics, *args, **kwargs):
-        real_report(metrics, *args, **kwargs)
-        if metrics["step"] >= stop_after_step:
-            ray.train.get_all_reported_checkpoints()
-            raise StopTraining(f"stopped after step {metrics['step']} (stop_after_step)")
-
-    ray.train.report = report
-    try:
-        return train_loop_per_worker(loop_config)
-    finally:
-        ray.train.report = real_report
-
-
-def base_probe_loop(loop_config: dict[str, Any]) -> Any:
-    """`train_loop_per_worker` that also writes, per rank, the sha256 of every frozen base tensor when
-    the model was built and after training, to `<run_dir>/base-digest-rank<r>.json`."""
-    import ray.train
-
     from workflows.train import worker
-    from workflows.train.checkpoint import tensors_digest
+    from workflows.train.checkpoint import tensors_digest, trainable_tensors
+
+    rank = ray.train.get_context().get_world_rank()
+    run_dir = Path(loop_config["worker"].run_dir)
+    checkpoint = ray.train.get_checkpoint()
+    resumed_from = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resumed_from = json.loads((Path(d) / "state.json").read_text())["step"]
+    stop = stop_after_step is not None and not (first_attempt_only and checkpoint is not None)
+    seen: dict[str, Any] = {}
+    real_build, real_report = worker.build_model, ray.train.report
 
     def frozen(model) -> dict:
         return {n: p for n, p in model.named_parameters() if not p.requires_grad}
-
-    seen: dict[str, Any] = {}
-    real_build = worker.build_model
 
     def build(cfg, device):
         model = real_build(cfg, device)
         seen["model"], seen["before"] = model, tensors_digest(frozen(model))
         return model
 
-    worker.build_model = build
+    def report(metrics, *args, **kwargs):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"step": metrics["step"], "resumed_from": resumed_from,
+                  "digest": tensors_digest(trainable_tensors(seen["model"])), "pid": os.getpid()}
+        with open(run_dir / ADAPTER_DIGESTS.format(rank=rank), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        real_report(metrics, *args, **kwargs)
+        if stop and metrics["step"] >= stop_after_step:
+            ray.train.get_all_reported_checkpoints()
+            if sigkill_rank is None:
+                raise StopTraining(f"stopped after step {metrics['step']} (stop_after_step)")
+            if rank == sigkill_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    worker.build_model, ray.train.report = build, report
     try:
         result = worker.train_loop_per_worker(loop_config)
     finally:
-        worker.build_model = real_build
-    rank = ray.train.get_context().get_world_rank()
-    out = Path(loop_config["worker"].run_dir) / f"base-digest-rank{rank}.json"
+        worker.build_model, ray.train.report = real_build, real_report
+    out = run_dir / f"base-digest-rank{rank}.json"
     out.write_text(json.dumps({"before": seen["before"], "after": tensors_digest(frozen(seen["model"]))}))
     return result
 
 
-def cache_build_loop(loop_config: dict[str, Any]) -> Any:
-    """Every worker builds SmolLM2's converted folder in one empty cache, rank 1 first: the folder
-    must come out complete (transformers writes nothing on a distributed rank other than 0 unless
-    told to) and load on both ranks. Returns what each rank saw."""
-    import os
+def adapter_digests(run_dir: Path, rank: int = 0) -> list[dict[str, Any]]:
+    """What `probe_loop` recorded at each report of `rank`, in order (every attempt)."""
+    return read_jsonl(run_dir / ADAPTER_DIGESTS.format(rank=rank))
+
+
+def cache_then_train_loop(loop_config: dict[str, Any], cache: str) -> Any:
+    """`train_loop_per_worker` on a node whose model cache `cache` is empty: every worker first builds
+    SmolLM2's converted folder there, rank 1 first. The folder must come out complete (transformers
+    writes nothing on a distributed rank other than 0 unless told to) and load on both ranks; each
+    rank writes what it saw to `<cache>/rank<r>-saw.json`, then trains as usual with that cache."""
     import time
 
     import ray.train
 
     from workflows import models
+    from workflows.train.worker import train_loop_per_worker
 
-    os.environ["LORAFLOW_CACHE"] = loop_config["cache"]
+    os.environ["LORAFLOW_CACHE"] = cache
     rank = ray.train.get_context().get_world_rank()
-    started = Path(loop_config["cache"]) / "rank1-started"
+    started = Path(cache) / "rank1-started"
     started.parent.mkdir(parents=True, exist_ok=True)
     if rank == 1:
         started.touch()
@@ -132,6 +155,7 @@ def cache_build_loop(loop_config: dict[str, Any]) -> Any:
         time.sleep(1.0)
     folder = models._smollm2_model_dir()
     model, _ = models.load_base("smollm2-135m")
-    files = sorted(p.name for p in folder.iterdir())
-    ray.train.report({"rank": rank, "files": ",".join(files), "params": sum(p.numel() for p in model.parameters())})
-    return {"files": files}
+    saw = {"files": sorted(p.name for p in folder.iterdir()), "params": sum(p.numel() for p in model.parameters())}
+    (Path(cache) / f"rank{rank}-saw.json").write_text(json.dumps(saw))
+    del model
+    return train_loop_per_worker(loop_config)
