@@ -22,7 +22,9 @@ def ray_parquet(files: list[str]) -> Any:
     paths, fs = storage.ray_paths(files)
     if _FOOTER_ACTORS in os.environ:
         return ray.data.read_parquet(paths, filesystem=fs)
-    # The indexer reads the variable once, here on the driver, and travels with the plan.
+    # The indexer reads the variable once, here on the driver, and travels with the plan. (Ray also
+    # reads it into its module default when the indexer's module is first imported, which can be
+    # here: later plain reads in this process then default to this size too.)
     os.environ[_FOOTER_ACTORS] = str(min(8, 1 + len(paths) // 64))
     try:
         return ray.data.read_parquet(paths, filesystem=fs)
