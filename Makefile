@@ -57,10 +57,11 @@ test: venv
 	@$(PYC)
 	$(PY) -m pytest -q --durations=20 tests
 
-# The inner loop while editing: everything that starts no Ray Train group (not CI's command).
+# The inner loop while editing: everything that starts no Ray Train group (not CI's command), in two
+# pytest-xdist workers, each with its own Ray cluster (they share the model cache).
 test-fast: venv
 	@$(PYC)
-	$(PY) -m pytest -q $(FAST) tests
+	$(PY) -m pytest -q -n 2 $(FAST) tests
 
 lint: venv
 	$(VENV)/bin/ruff check lora_core workflows tests bench

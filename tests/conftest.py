@@ -18,7 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="loraflow-tests-"))
 
 os.environ["HOME"] = str(_SESSION_TMP / "home")
-os.environ.setdefault("LORAFLOW_CACHE", str(_SESSION_TMP / "cache"))
+# Workers of one `pytest -n` run (`make test-fast`) share one model cache (built under a file lock),
+# so that SmolLM2's conversion runs once per run, not once per worker.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault("LORAFLOW_CACHE", str(Path(tempfile.gettempdir()) / f"loraflow-tests-run-{_RUN}" / "cache"
+                                            if _RUN else _SESSION_TMP / "cache"))
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
 # Ray Train 2.60 starts a preemption-watcher actor (a process) for every run, for spot nodes that
