@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline_e2e import make_row
+from test_pipeline_e2e import make_row, statuses
 
 from workflows.artifacts import SUCCESS, cache_root
 from workflows.ops.local_cluster import start_head
@@ -93,10 +93,6 @@ def first(cluster, s3):
     metrics_writes = [(method, query) for method, key, query in s3.recorded_writes()
                       if key == f"isolated/work/ray_train/{run_name}/metrics.jsonl"]
     return {"root": root, "head": head, "config": config, "manifest": manifest, "metrics_writes": metrics_writes}
-
-
-def statuses(manifest: dict) -> list[str]:
-    return [manifest["stages"][s]["status"] for s in ("prepare", "train", "evaluate", "register")]
 
 
 def test_the_dag_runs_on_nodes_that_cannot_see_the_driver(first):
