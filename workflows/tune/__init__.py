@@ -101,10 +101,9 @@ def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str
 
 
 def _quiet_data_progress() -> None:
-    """No Ray Data progress bars from a trial (its datasets are built in the trial's actor). Ray
-    relays a worker's bars to the driver, which redraws them with cursor movements written before
-    the next line: the sweep's own console lines (`[tune] trial ...`) then no longer start the line
-    and the console drops them, and the bars of trials running at once garble each other."""
+    """No Ray Data progress bars from a trial (its datasets are built in the trial's actor): Ray
+    relays a worker's bars to the driver, where the bars of trials running at once garble each
+    other in the run log (the console itself strips their cursor moves: `cli.console.shown`)."""
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
