@@ -52,10 +52,13 @@ demo: venv
 # and where PYTHONDONTWRITEBYTECODE is set each would compile lora_core and workflows again.
 PYC := $(PY) -m compileall -q lora_core workflows >/dev/null
 
-# CI's command (.ci/run).
+# CI's command (.ci/run). Two pytest-xdist workers, each its own session with its own Ray cluster
+# (they share the model cache), each taking whole test modules (a module's pipeline run is made
+# once), the modules that start Ray Train groups first (tests/conftest.py).
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 test: venv
 	@$(PYC)
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q $(XDIST) --durations=20 tests
 
 # The inner loop while editing: everything that starts no Ray Train group (not CI's command), in two
 # pytest-xdist workers, each with its own Ray cluster (they share the model cache).

@@ -141,8 +141,9 @@ def test_the_trial_chosen_is_the_best_on_validation_and_is_scored_once_on_eval(s
     # the named set resolved to what lora_core matches; alpha tied to the rank
     assert adapter["target_modules"] == target and adapter["lora_alpha"] == 2 * adapter["r"]
     assert m["stages"]["evaluate"]["outputs"]["metrics"]["rows"] == m["stages"]["prepare"]["outputs"]["counts"]["eval_rows"]
-    assert json.loads((Path(m["stages"]["train"]["outputs"]["dir"]) / "result.json").read_text())["metrics"][
-        "validation_loss"] == pytest.approx(best["metric"])
+    result = json.loads((Path(m["stages"]["train"]["outputs"]["dir"]) / "result.json").read_text())["metrics"]
+    assert result["validation_loss"] == pytest.approx(best["metric"])
+    assert result["eval_loss_initial"] is None  # a trial makes no initial eval pass (only validations)
 
 
 def _ids(folder: Path) -> set[str]:
@@ -161,6 +162,8 @@ def test_no_eval_row_reaches_a_trial(sweep):
         scored = [json.loads(line) for line in run.read_text().splitlines() if "validation_ids_sha256" in line]
         assert scored and {r["validation_ids_sha256"] for r in scored} == {digest}, run
         assert {r["validation_rows"] for r in scored} == {len(validation_ids)}
+        # one pass over them per validation: the loop's eval loss is the validator's, not a pass of its own
+        assert all(r["eval_loss"] == r["validation_loss"] for r in scored), run
     eval_tokens = {tuple(x) for f in (prepared / "eval").glob("*.parquet")
                    for x in pq.read_table(f, columns=["input_ids"]).column(0).to_pylist()}
     train_tokens = [tuple(x) for f in (prepared / "train").glob("*.parquet")

@@ -213,8 +213,11 @@ class StepLoop:
         metrics["checkpoint_s"], metrics["report_s"] = self._checkpoint_s, self._report_s
         if do_eval:
             start = time.perf_counter()
-            metrics["eval_loss"] = self.eval_loss()
-            if self.cfg.validator is not None and self.rank == 0:  # only rank 0's metrics are kept
+            if self.cfg.validator is None:
+                metrics["eval_loss"] = self.eval_loss()
+            elif self.rank == 0:  # only rank 0's metrics are kept; the other ranks wait at the next step
+                # A trial: the validator scores every validation row, which are this run's eval rows
+                # (`PreparedData.for_trials`), and returns their loss as eval_loss too: no second pass.
                 metrics.update(self.cfg.validator(self.model))
                 self.model.train()
             metrics["eval_s"] = time.perf_counter() - start

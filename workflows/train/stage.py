@@ -103,7 +103,7 @@ def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: 
         num_labels=len(prepared.manifest["label_names"]) if has_head(prepared.task) else None,
         init_adapter=init_adapter, base_identity=identity, lineage=_lineage(config, prepared, run_dir),
         has_eval=_rows(prepared.eval_files) > 0, validator=validator, progress_prefix=progress_prefix)
-    datasets = train_datasets(prepared, tc)
+    datasets = train_datasets(prepared, tc, with_eval=validator is None)  # a validator reads its own rows
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same order every epoch and attempt: resume skips consumed batches
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
@@ -139,16 +139,17 @@ def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: 
 MATERIALIZE_MAX_BYTES = 512 * 2**20
 
 
-def train_datasets(prepared: PreparedData, tc: TrainSection) -> dict[str, Any]:
+def train_datasets(prepared: PreparedData, tc: TrainSection, with_eval: bool = True) -> dict[str, Any]:
     """{"train": shards in file order, "eval": the rows periodic eval scores} as Ray Datasets.
 
-    Eval keeps only the rows `eval_batches` batches per worker can use, always materialized.
+    Eval keeps only the rows `eval_batches` batches per worker can use, always materialized; none
+    without `with_eval` (a tune trial, whose validator scores the validation rows itself).
     """
     train = _in_file_order(shards.ray_parquet(prepared.train_files))
     if sum(storage.size(f) for f in prepared.train_files) <= MATERIALIZE_MAX_BYTES:
         train = train.materialize()
     datasets = {"train": train}
-    if prepared.eval_files:
+    if prepared.eval_files and with_eval:
         rows = tc.eval_batches * tc.batch_size * tc.num_workers
         datasets["eval"] = _in_file_order(shards.ray_parquet(prepared.eval_files)).limit(rows).materialize()
     return datasets

@@ -55,7 +55,9 @@ class WorkerConfig:
     lineage: dict[str, Any] | None = None  # loraflow.json extras (data digest, config, ...)
     has_eval: bool = False
     # A tune trial's: called on rank 0 with the model at every periodic eval, returns the metrics it
-    # adds to that report (the evaluate stage's, on the validation split; workflows/tune/validation.py).
+    # adds to that report (the evaluate stage's, on the validation split; workflows/tune/validation.py),
+    # "eval_loss" among them: the validation rows are the trial's eval rows, so the loop's own eval
+    # pass (and its initial one) is left out.
     validator: Callable[[nn.Module], dict[str, Any]] | None = None
     progress_prefix: str = "[train]"  # a trial's progress lines go to the run log, not the console
 
@@ -107,7 +109,7 @@ def run_worker(cfg: WorkerConfig, on_checkpoint: Callable[[], None] | None = Non
             print(f"[train] resumed from step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})",
                   flush=True)
     loop = StepLoop(cfg, ddp, model, optimizer, scheduler, stats, device, rank, world, on_checkpoint, scaler)
-    if cfg.has_eval and state.eval_loss_initial is None:
+    if cfg.has_eval and cfg.validator is None and state.eval_loss_initial is None:
         state.eval_loss_initial = loop.eval_loss()
     resumed_from = state.step
     loop.run(state)

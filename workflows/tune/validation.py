@@ -77,6 +77,8 @@ class TrialValidator:
         metrics = aggregate(self.spec.task, scored, self.label_names)
         out.update({PREFIX + k: float(v) for k, v in metrics.items()
                     if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and k != "rows"})
+        if PREFIX + "loss" in out:  # the trial's eval rows are these: its loop makes no pass of its own
+            out["eval_loss"] = out[PREFIX + "loss"]
         return out
 
 
