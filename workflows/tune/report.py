@@ -154,11 +154,19 @@ class TrialLines(tune.Callback):
 # ----------------------------------------------------------------------------- files
 
 
+def _lr_ticks(lrs: list[float]) -> tuple[list[float], list[str]]:
+    low, high = min(lrs), max(lrs)
+    ticks = [m * 10.0**e for e in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+             for m in (1, 2, 5) if low / 1.5 <= m * 10.0**e <= high * 1.5]
+    return ticks, [f"{t:.0e}" for t in ticks]
+
+
 def _plots(run_dir: Path, records: list[TrialRecord], key: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     names = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -195,6 +203,8 @@ def _plots(run_dir: Path, records: list[TrialRecord], key: str) -> list[str]:
     left.set_xlabel("lora.r")
     left.set_ylabel(f"last {key} (validation split)")
     right.set_xscale("log")
+    right.set_xticks(*_lr_ticks([r.lr for r in scored]))  # 1, 2, 5 x 10^k: readable within a decade
+    right.xaxis.set_minor_formatter(NullFormatter())
     right.set_xlabel("train.lr")
     fig.suptitle("last validation metric of each trial (star: chosen; x: stopped early)")
     for ax in (left, right):
