@@ -101,3 +101,30 @@ def test_tpe_is_optunas_sampler_through_ray_tune():
     check_space(c)
     limited = search_algorithm(c, concurrency=2)
     assert isinstance(limited.searcher, OptunaSearch) and limited.max_concurrent == 2
+
+
+def test_a_trial_report_returns_only_once_the_trial_has_taken_it(ray_session):
+    """The race behind a finished trial recorded at an earlier step: Ray's callback returns with its
+    report still on the one-slot queue; ours returns once the trial's side has taken it."""
+    import threading
+    import time
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
+
+    from workflows.tune import DeliveredReportCallback
+
+    def queued_after(callback_class) -> tuple[bool, float]:
+        callback = object.__new__(callback_class)  # no Tune session here: only the queue matters
+        callback._training_actor_item_queue = queue = Queue(1, actor_options={"num_cpus": 0})
+        taker = threading.Timer(1.0, queue.get)  # the trial's session, a little late
+        taker.start()
+        start = time.monotonic()
+        callback.after_report(None, [{"step": 4}], None)
+        still_queued, took = not queue.empty(), time.monotonic() - start
+        taker.join()
+        return still_queued, took
+
+    assert queued_after(TuneReportCallback)[0]  # Ray's: returns while the last report waits
+    still_queued, took = queued_after(DeliveredReportCallback)
+    assert not still_queued and took >= 0.9

@@ -23,6 +23,7 @@ Tune's state and each trial's Ray Train run live under `<work_dir>/tune`.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ from workflows.tune.space import (
 )
 from workflows.tune.validation import metric_key, trial_validator
 
-__all__ = ["check_space", "commit_best_trial", "config_with", "run_tune", "sweep_storage", "trial_run_dir",
+__all__ = ["DeliveredReportCallback", "check_space", "commit_best_trial", "config_with", "run_tune", "sweep_storage", "trial_run_dir",
            "tune_then_run"]
 
 
@@ -95,9 +96,28 @@ def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str
     validator = trial_validator(prepared.manifest, prepared.validation_files, cfg.model.name, cfg.tune.metric,
                                 cfg.eval.batch_size, cfg.eval.generation)
     trainer = build_trainer(cfg, prepared.for_trials(), storage_path, run_name, init_adapter=init_adapter,
-                            callbacks=[TuneReportCallback()], validator=validator,
+                            callbacks=[DeliveredReportCallback()], validator=validator,
                             progress_prefix=f"[trial {trial_id}]")
     trainer.fit()
+
+
+class DeliveredReportCallback(TuneReportCallback):
+    """Ray Tune's `TuneReportCallback`, whose reports reach Tune before `fit()` can return.
+
+    In Ray 2.60 the callback (in the Train controller) puts each report on a one-slot queue that the
+    trial's session drains while the trial function runs; a last report still on the queue when
+    `fit()` returns is dropped, and Tune records a finished trial at its previous report (seen in the
+    suite: a trial whose Ray Train run reached step 4 of 4 recorded at step 2, so it was not among the
+    finished trials a sweep chooses from). Here a report returns once the trial has taken it."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        super().after_report(run_context, metrics, checkpoint)
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+        while not self._training_actor_item_queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+DELIVERY_TIMEOUT_S = 60.0
 
 
 def _quiet_data_progress() -> None:
