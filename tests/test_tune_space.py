@@ -114,17 +114,28 @@ def test_a_trial_report_returns_only_once_the_trial_has_taken_it(ray_session):
 
     from workflows.tune import DeliveredReportCallback
 
-    def queued_after(callback_class) -> tuple[bool, float]:
-        callback = object.__new__(callback_class)  # no Tune session here: only the queue matters
-        callback._training_actor_item_queue = queue = Queue(1, actor_options={"num_cpus": 0})
-        taker = threading.Timer(1.0, queue.get)  # the trial's session, a little late
-        taker.start()
-        start = time.monotonic()
-        callback.after_report(None, [{"step": 4}], None)
-        still_queued, took = not queue.empty(), time.monotonic() - start
-        taker.join()
-        return still_queued, took
+    def callback(callback_class):
+        cb = object.__new__(callback_class)  # no Tune session here: only the queue matters
+        cb._training_actor_item_queue = Queue(1, actor_options={"num_cpus": 0})
+        return cb, cb._training_actor_item_queue
 
-    assert queued_after(TuneReportCallback)[0]  # Ray's: returns while the last report waits
-    still_queued, took = queued_after(DeliveredReportCallback)
-    assert not still_queued and took >= 0.9
+    ray_cb, queue = callback(TuneReportCallback)
+    ray_cb.after_report(None, [{"step": 4}], None)  # nobody takes it
+    assert queue.get(block=False) == {"step": 4}  # Ray's returned with the last report still queued
+
+    ours, queue = callback(DeliveredReportCallback)
+    taken_at: list[float] = []
+
+    def trial_session():  # takes the report a while after it is queued
+        while queue.empty():
+            time.sleep(0.01)
+        time.sleep(0.5)
+        queue.get()
+        taken_at.append(time.monotonic())
+
+    taker = threading.Thread(target=trial_session)
+    taker.start()
+    ours.after_report(None, [{"step": 4}], None)
+    returned_at = time.monotonic()
+    taker.join(timeout=60)
+    assert taken_at and returned_at >= taken_at[0] and queue.empty()
