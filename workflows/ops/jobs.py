@@ -95,6 +95,9 @@ def connect(address: str):
         return JobSubmissionClient(address, headers=auth_headers(address=address))
 
 
+NODE_TABLE_WAIT_S = 60.0
+
+
 def cluster_on_this_machine(address: str) -> bool:
     """Whether every node of the cluster runs on this machine, so local paths are visible to it.
 
@@ -105,8 +108,9 @@ def cluster_on_this_machine(address: str) -> bool:
         headers = auth_headers(address=address)
     request = urllib.request.Request(f"{address.rstrip('/')}/nodes?view=summary", headers=headers)
     try:
-        # A dashboard that just started fills its node table asynchronously: ask again for a while.
-        deadline = time.monotonic() + 15
+        # A dashboard that just started fills its node table asynchronously: ask again for a while
+        # (on a loaded 2-core machine 15 s was seen to fall short: the suite under pytest-xdist).
+        deadline = time.monotonic() + NODE_TABLE_WAIT_S
         while True:
             with open_url(request, timeout=10) as r:
                 nodes = json.load(r)["data"]["summary"]
