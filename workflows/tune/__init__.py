@@ -101,6 +101,9 @@ def _trial(params: dict[str, Any], config_dict: dict[str, Any], source_path: str
     trainer.fit()
 
 
+DELIVERY_TIMEOUT_S = 60.0  # how long a report waits for the trial to take it
+
+
 class DeliveredReportCallback(TuneReportCallback):
     """Ray Tune's `TuneReportCallback`, whose reports reach Tune before `fit()` can return.
 
@@ -115,9 +118,6 @@ class DeliveredReportCallback(TuneReportCallback):
         deadline = time.monotonic() + DELIVERY_TIMEOUT_S
         while not self._training_actor_item_queue.empty() and time.monotonic() < deadline:
             time.sleep(0.05)
-
-
-DELIVERY_TIMEOUT_S = 60.0
 
 
 def _quiet_data_progress() -> None:
