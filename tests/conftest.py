@@ -29,14 +29,28 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
 # Ray is told will drain; no test drains a node (node loss is a killed node), so it would only cost
 # a process start per Train run.
 os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+# Ray Train's own Prometheus gauges (controller and workers): no test reads them.
+os.environ["RAY_TRAIN_METRICS_ENABLED"] = "0"
 os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_DEDUP_LOGS"] = "0"
+# Ray's log monitor globs the logs folder every 0.1 s while it holds under this many files; the
+# suite starts hundreds of worker processes (each with its log files), so that glob cost each
+# session's monitor ~20 CPU-seconds. At 0 it re-lists every 0.5 s (Ray's LOG_NAME_UPDATE_INTERVAL_S).
+os.environ["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] = "0"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 Path(os.environ["HOME"]).mkdir(parents=True, exist_ok=True)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two pytest workers share the machine's cores with their Ray clusters: torch in this process
+    # (the in-process tests) on one thread, as Ray gives each 1-CPU worker, instead of one per core
+    # (measured on tests/lora_core: 66 against 77 CPU-seconds).
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

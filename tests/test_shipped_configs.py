@@ -19,7 +19,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 # A slice of each real-data example: what changes is only how much runs, never what.
 SLICE = ["data.max_rows=48", "data.max_eval_rows=16", "train.max_steps=2",
-         "train.log_every=1", "train.eval_every=null", "train.checkpoint_every=null",
+         "train.log_every=1", "train.eval_every=null", "train.checkpoint_every=null", "train.eval_batches=1",
          "eval.bootstrap_samples=50"]
 SMOKES = {
     # SmolLM2: the costliest smoke (packed 512-token rows on two workers); 8 eval rows, one answer
