@@ -61,10 +61,10 @@ test: venv
 	$(PY) -m pytest -q $(XDIST) --durations=20 tests
 
 # The inner loop while editing: everything that starts no Ray Train group (not CI's command), in two
-# pytest-xdist workers, each with its own Ray cluster (they share the model cache).
+# pytest-xdist workers as above (whole modules: a module's shared fixtures are made once).
 test-fast: venv
 	@$(PYC)
-	$(PY) -m pytest -q -n 2 $(FAST) tests
+	$(PY) -m pytest -q $(XDIST) $(FAST) tests
 
 lint: venv
 	$(VENV)/bin/ruff check lora_core workflows tests bench

@@ -53,13 +53,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The modules with the longest tests among those that start no Train group (`make test-fast`'s
+# --durations: the 100k-row prepare, the real-model and evaluate modules), handed out right after the
+# train_group ones so that the many short modules even out the two workers' ends.
+LONG_MODULES = ("prepare/test_prepare_stage.py", "lora_core/test_lora_real_models.py",
+                "evaluate/test_evaluate_stage.py", "evaluate/test_generation.py", "test_models.py",
+                "test_cli_console.py", "test_shards.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The modules that start Ray Train groups or pipelines (`train_group`) first, each module's
-    tests kept together and in order. `make test` hands whole modules to two pytest-xdist workers
-    (`--dist loadfile --no-loadscope-reorder`), one at a time as each finishes: the long ones handed
-    out first, the many short ones then even out the two workers' ends."""
+    """The modules that start Ray Train groups or pipelines (`train_group`) first, then the other long
+    ones, each module's tests kept together and in order. `make test` and `make test-fast` hand whole
+    modules to two pytest-xdist workers (`--dist loadfile`), one at a time as each finishes: the long
+    ones handed out first, the many short ones then even out the two workers' ends."""
     heavy = {item.path for item in items if item.get_closest_marker("train_group")}
-    items.sort(key=lambda item: item.path not in heavy)  # stable: collection order otherwise
+    long = {item.path for item in items if item.path.relative_to(REPO / "tests").as_posix() in LONG_MODULES}
+    items.sort(key=lambda item: 0 if item.path in heavy else 1 if item.path in long else 2)  # stable
 
 
 @pytest.fixture(scope="session")
