@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from workflows.gguf_llama import hf_name, read_llama_gguf, save_llama_gguf_as_transformers
 
-gguf = pytest.importorskip("gguf")  # a regular dependency: the skip only guards a broken install
 HEADS, KV_HEADS = 4, 2
 
 
