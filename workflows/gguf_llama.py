@@ -52,14 +52,15 @@ def read_llama_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r}, not llama")
-    heads, kv_heads = _field(reader, "llama.attention.head_count"), _field(reader, "llama.attention.head_count_kv")
+    heads = _field(reader, "llama.attention.head_count")
+    kv_heads = _field(reader, "llama.attention.head_count_kv") or heads
     hidden = _field(reader, "llama.embedding_length")
     names = {t.name for t in reader.tensors}
     config = {
         "vocab_size": _field(reader, "llama.vocab_size", len(_field(reader, "tokenizer.ggml.tokens", []))),
         "hidden_size": hidden, "intermediate_size": _field(reader, "llama.feed_forward_length"),
         "num_hidden_layers": _field(reader, "llama.block_count"), "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads or heads, "head_dim": hidden // heads,
+        "num_key_value_heads": kv_heads, "head_dim": hidden // heads,
         "max_position_embeddings": _field(reader, "llama.context_length"),
         "rms_norm_eps": _field(reader, "llama.attention.layer_norm_rms_epsilon"),
         "rope_parameters": {"rope_type": "default", "rope_theta": _field(reader, "llama.rope.freq_base", 10000.0)},
@@ -75,7 +76,7 @@ def read_llama_gguf(path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
         if ".attn_q." in t.name:
             w = unpermute_rotary(w, heads)
         elif ".attn_k." in t.name:
-            w = unpermute_rotary(w, kv_heads or heads)
+            w = unpermute_rotary(w, kv_heads)
         # torch wants writable memory: F32 tensors come straight from the file's read-only map
         state[hf_name(t.name)] = w if w.flags.writeable and w.flags.c_contiguous else np.array(w)
     quant = gguf.LlamaFileType(int(_field(reader, "general.file_type"))).name.removeprefix("MOSTLY_")
