@@ -13,6 +13,7 @@ import pytest
 from workflows.config import load_config
 from workflows.dag import plan
 from workflows.pipeline import run_pipeline
+from workflows.tune.space import check_space
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -47,6 +48,8 @@ def test_every_shipped_config_validates_and_plans_without_ray(path, tmp_path):
     p = plan(config)
     assert [st.name for st in p.stages] == ["prepare", "train", "evaluate", "register"]
     assert all(st.fresh for st in p.stages)  # an empty work directory: every stage would run
+    if config.tune is not None:  # a sweep's search space and settings, as `loraflow tune` checks them
+        check_space(config)
 
 
 @pytest.mark.train_group

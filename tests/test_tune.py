@@ -9,6 +9,9 @@ SIGKILLed once the first trial has finished and Tune has recorded it; the same c
 continues the sweep. ASHA's rungs live in the driver (a resumed Tuner starts with empty ones), so
 the stop is shown after the resume: the second trial (a good learning rate) sets the rung at step 2,
 the third (a learning rate too small to move the loss) arrives behind it and is stopped there.
+
+The same grid then runs again with synchronous halving (`sync_sweep`, reduction factor 3): every
+trial waits, paused, at step 2 until all three got there, and only the best goes on, resumed.
 """
 
 from __future__ import annotations
@@ -108,6 +111,47 @@ def sweep(tmp_path_factory, ray_address):
             "killed_after": killed_after, "kept": kept, "result_file": result_files[0]}
 
 
+@pytest.fixture(scope="module")
+def sync_sweep(sweep, ray_address):
+    """The module's grid again (same work directory: prepare is cached), with synchronous halving."""
+    argv = _argv(Path(sweep["root"]) / "pipeline.yaml", ray_address) + [
+        "--set", "tune.halving=sync", "--set", "tune.reduction_factor=3", "--set", "train.checkpoint_every=2"]
+    done = subprocess.run(argv, cwd=sweep["root"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    manifest = json.loads(done.stdout)
+    ids = {t["trial_id"] for t in manifest["tune"]["trials"]}
+    results = {}  # trial id -> Tune's results, in the order Tune recorded them
+    for f in (sweep["root"] / "work" / "tune").glob("tune-*/*/result.json"):
+        for trial_id in (i for i in ids if i in f.parent.name):
+            results[trial_id] = [json.loads(line) for line in f.read_text().splitlines()]
+    return {"manifest": manifest, "err": done.stderr, "results": results}
+
+
+def test_synchronous_halving_waits_for_every_trial_at_the_rung_then_resumes_only_the_best(sweep, sync_sweep):
+    trials = sorted(sync_sweep["manifest"]["tune"]["trials"], key=lambda r: r["trial_id"])  # creation order
+    results = sync_sweep["results"]
+    assert [r["params"]["train.lr"] for r in trials] == LRS and set(results) == {r["trial_id"] for r in trials}
+    at_rung = {r["trial_id"]: dict(map(tuple, r["history"]))[2] for r in trials}
+    winner = min(at_rung, key=at_rung.get)  # the best validation loss at the rung, step 2
+    for r in trials:  # ceil(3 / 3) = 1 goes on; the others stop AT the rung, not before, not after
+        assert (r["finished"], r["steps"]) == ((True, BUDGET) if r["trial_id"] == winner else (False, 2)), r
+    # Synchronous: the winner's first result past the rung comes after every trial's rung result
+    rung_time = max(next(x["timestamp"] for x in res if x["step"] == 2) for res in results.values())
+    assert next(x["timestamp"] for x in results[winner] if x["step"] > 2) >= rung_time
+    # One trial at a time (tune.max_concurrent 1; a paused trial holds no slot): each trial's first
+    # result came after the previous one's, which paused at the rung
+    firsts = [results[r["trial_id"]][0]["timestamp"] for r in trials]
+    assert firsts == sorted(firsts) and len(set(firsts)) == len(firsts)
+    # Paused and resumed, the winner ends exactly where the same trial ended uninterrupted (ASHA's sweep)
+    same = next(r for r in sweep["manifest"]["tune"]["trials"] if r["params"] == next(
+        t for t in trials if t["trial_id"] == winner)["params"])
+    assert same["finished"] and next(t for t in trials if t["trial_id"] == winner)["metric"] == pytest.approx(
+        same["metric"], rel=1e-6)
+    lines = [line for line in sync_sweep["err"].splitlines() if line.startswith("[tune] trial ")]
+    assert sum("stopped early by synchronous halving at step 2/4" in line for line in lines) == 2, lines
+    assert "synchronous halving at steps [2]" in sync_sweep["err"]
+
+
 def test_a_killed_sweep_resumes_and_its_finished_trials_are_not_run_again(sweep):
     t = sweep["manifest"]["tune"]
     assert t["resumed"] is True and "[tune] resuming sweep" in sweep["second_err"]
@@ -150,14 +194,14 @@ def _ids(folder: Path) -> set[str]:
     return {i for f in folder.glob("*.parquet") for i in pq.read_table(f, columns=["example_id"]).column(0).to_pylist()}
 
 
-def test_no_eval_row_reaches_a_trial(sweep):
+def test_no_eval_row_reaches_a_trial(sweep, sync_sweep):
     m = sweep["manifest"]
     prepared = Path(m["stages"]["prepare"]["outputs"]["dir"])
     eval_ids, validation_ids = _ids(prepared / "eval"), _ids(prepared / "validation")
     assert eval_ids and validation_ids and not eval_ids & validation_ids
     digest = hashlib.sha256("\n".join(sorted(validation_ids)).encode()).hexdigest()
     runs = sorted((sweep["root"] / "work" / "tune" / "trials").glob("trial-*/metrics.jsonl"))
-    assert len(runs) == TRIALS
+    assert len(runs) == 2 * TRIALS  # both sweeps' trials
     for run in runs:  # what every trial scored, at every validation: the validation rows, no other
         scored = [json.loads(line) for line in run.read_text().splitlines() if "validation_ids_sha256" in line]
         assert scored and {r["validation_ids_sha256"] for r in scored} == {digest}, run

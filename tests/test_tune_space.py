@@ -139,3 +139,89 @@ def test_a_trial_report_returns_only_once_the_trial_has_taken_it(ray_session):
     returned_at = time.monotonic()
     taker.join(timeout=60)
     assert taken_at and returned_at >= taken_at[0] and queue.empty()
+
+
+def test_synchronous_halving_needs_a_checkpoint_at_every_rung():
+    sync = {**sweep(halving="sync"), "train": {"eval_every": 4}}
+    with pytest.raises(ConfigError, match=r"train.checkpoint_every: tune.halving sync pauses each trial at step 4 "):
+        check_space(cfg(sync))
+    with pytest.raises(ConfigError, match=r"set it to 4 or a divisor of it \(got 3\)"):
+        check_space(cfg({**sync, "train": {"eval_every": 4, "checkpoint_every": 3}}))
+    check_space(cfg({**sync, "train": {"eval_every": 4, "checkpoint_every": 2}}))
+    check_space(cfg({**sweep(halving="sync", asha=False), "train": {"eval_every": 4}}))  # no rungs, no pauses
+
+
+class _Controller:
+    """What Ray Tune's controller does for a scheduler's decisions, in the order Tune does it: a
+    paused or pending trial stopped by the scheduler is removed from it (`TuneController.stop_trial`)."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.stopped = scheduler, []
+
+    def _set_trial_status(self, trial, status):
+        trial.set_status(status)
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        self.scheduler.on_trial_remove(self, trial)
+        trial.set_status("TERMINATED")
+
+
+def _halving(num_trials=3, slots=1):
+    from workflows.tune.halving import Slots, SyncHalving
+
+    scheduler = SyncHalving(num_trials, grace=2, reduction_factor=3, budget=6, slots=Slots(slots))
+    scheduler.set_search_properties("validation_loss", "min")
+    return scheduler, _Controller(scheduler)
+
+
+def _start(scheduler, controller, trial_id):
+    from ray.tune.experiment import Trial
+
+    trial = Trial("__fake", trial_id=trial_id, stub=True)
+    scheduler.on_trial_add(controller, trial)
+    trial.set_status("RUNNING")
+    return trial
+
+
+def test_synchronous_halving_pauses_every_trial_at_the_rung_until_all_arrived_then_keeps_the_top_third():
+    from ray.tune.schedulers import TrialScheduler as TS
+
+    from workflows.tune.halving import rungs
+
+    assert rungs(63, 3, 564) == [63, 189] and rungs(2, 3, 4) == [2] and rungs(8, 2, 8) == []
+    scheduler, controller = _halving()
+    a = _start(scheduler, controller, "a")
+    assert scheduler.on_trial_result(controller, a, {"step": 1, "train_loss": 3.0}) == TS.CONTINUE  # no metric
+    # alone at the rung: the other two trials are not even created yet; it waits, paused
+    assert scheduler.on_trial_result(controller, a, {"step": 2, "validation_loss": 1.0}) == TS.PAUSE
+    a.set_status("PAUSED")
+    assert scheduler.slots.free() and scheduler.choose_trial_to_run(controller) is None
+    b = _start(scheduler, controller, "b")
+    assert not scheduler.slots.free()  # one slot: b holds it
+    assert scheduler.on_trial_result(controller, b, {"step": 2, "validation_loss": 0.5}) == TS.PAUSE
+    b.set_status("PAUSED")
+    c = _start(scheduler, controller, "c")
+    # the last to arrive decides the rung: ceil(3 / 3) = 1 goes on (b, the lowest loss); a and c stop
+    assert scheduler.on_trial_result(controller, c, {"step": 2, "validation_loss": 2.0}) == TS.STOP
+    assert controller.stopped == ["a"]
+    scheduler.on_trial_complete(controller, c, {})
+    assert scheduler.choose_trial_to_run(controller) is b and not scheduler.slots.free()
+    b.set_status("RUNNING")
+    assert scheduler.on_trial_result(controller, b, {"step": 4, "validation_loss": 0.4}) == TS.CONTINUE  # last rung
+
+
+def test_a_trial_that_fails_before_the_rung_does_not_leave_the_others_waiting_for_it():
+    from ray.tune.schedulers import TrialScheduler as TS
+
+    scheduler, controller = _halving()
+    trials = []
+    for trial_id, loss in (("a", 1.0), ("b", 0.5)):
+        trial = _start(scheduler, controller, trial_id)
+        assert scheduler.on_trial_result(controller, trial, {"step": 2, "validation_loss": loss}) == TS.PAUSE
+        trial.set_status("PAUSED")
+        trials.append(trial)
+    c = _start(scheduler, controller, "c")
+    c.set_status("ERROR")
+    scheduler.on_trial_error(controller, c)  # the last trial dies before the rung: decided without it
+    assert controller.stopped == ["a"] and scheduler.choose_trial_to_run(controller) is trials[1]

@@ -248,9 +248,9 @@ class TuneSection(Section):
     metric: str = "loss"
     mode: Literal["min", "max"] | None = None  # None: min for loss and perplexity, else max
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # of the train rows, by example hash
-    # ASHA: after grace_period validations, then at reduction_factor times as many, a trial whose
-    # metric is outside the top 1/reduction_factor of the trials that got that far stops.
-    asha: bool = True
+    # asha: halving at grace_period x reduction_factor^k validations, async (Ray Tune's ASHA) or sync:
+    asha: bool = True  # each trial paused at a rung until all arrive (workflows/tune/halving.py)
+    halving: Literal["async", "sync"] = "async"  # sync: train.checkpoint_every must divide the rungs
     grace_period: int = Field(1, ge=1)  # in validations (train.eval_every steps each)
     reduction_factor: int = Field(2, ge=2)
     seed: int = 0

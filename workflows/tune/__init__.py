@@ -2,7 +2,9 @@
 
     prepare (cached; with a tune section it also carves validation/ out of the train rows)
       -> Tune: one trial = one Ray Train run on train (less validation), reporting the evaluate
-         stage's metrics on validation every `train.eval_every` steps; ASHA stops laggards
+         stage's metrics on validation every `train.eval_every` steps; successive halving stops
+         laggards: Ray Tune's ASHA, or synchronous halving (`tune.halving: sync`, `halving.py`),
+         which pauses each trial at a rung until all got there
       -> the best trial that ran its whole budget is committed as the train stage output of its
          config, and the DAG runs on: evaluate scores it ONCE on the eval split, register gates it
 
@@ -12,7 +14,7 @@ place of eval), and its validator reads the validation shards only.
 Under Ray Train V2 a trial is a plain Tune function that builds and fits a `TorchTrainer` with a
 `TuneReportCallback` (`Tuner(TorchTrainer(...))` is an error in 2.60). The trial function holds
 (almost) no CPUs, so its trainer's workers and Ray Data can be placed; `tune.max_concurrent` (or
-what the cluster's CPUs fit) bounds the trials at once.
+what the cluster's CPUs fit) bounds the trials running at once (a paused trial holds no slot).
 
 The sweep's name is a fingerprint of what it searches (prepared data, sections, tune section):
 running the same command again restores the experiment (`Tuner.restore`): finished trials are
@@ -43,6 +45,7 @@ from workflows.pipeline import new_run_id, ray_session, run_pipeline
 from workflows.prepared import PreparedData
 from workflows.train.stage import build_trainer, commit_run, plan_steps
 from workflows.tune.cleanup import release_after_sweep
+from workflows.tune.halving import Slots, SyncHalving, rungs
 from workflows.tune.report import TrialLines, TrialRecord, trial_records, write_tune_report
 from workflows.tune.space import (
     check_space,
@@ -162,12 +165,15 @@ def _concurrency(config: PipelineConfig) -> int:
     return max(1, int((ray.cluster_resources().get("CPU", 0) - 2) // per_trial))
 
 
-def _scheduler(config: PipelineConfig, budget: int):
-    """ASHA on the step (the Tuner hands it the metric and mode)."""
+def _scheduler(config: PipelineConfig, budget: int, slots: Slots | None = None):
+    """ASHA on the step, or synchronous halving sharing `slots` with the searcher (the Tuner hands
+    either the metric and mode)."""
     tc = config.tune
     if not tc.asha:
         return FIFOScheduler()
     grace = tc.grace_period * config.train.eval_every
+    if tc.halving == "sync":
+        return SyncHalving(num_trials(config), grace, tc.reduction_factor, max(budget, grace), slots or Slots(1))
     # Trials stop themselves at their budget (stop_last_trials=False): ASHA only cuts at its rungs,
     # grace x reduction_factor^k steps.
     return ASHAScheduler(time_attr="step", max_t=max(budget, grace),
@@ -202,15 +208,17 @@ def run_tune(config: PipelineConfig, prepared_dir: str, storage_path: str, name:
                                    storage_filesystem=where.get("storage_filesystem"))
     else:
         concurrency = _concurrency(config)
+        slots = Slots(concurrency) if tc.asha and tc.halving == "sync" else None
         log(f"[tune] sweep {name}: {tc.search} search, {key} ({tc.direction}), up to {concurrency} trial(s) at "
-            f"once, {budget} steps each" + (f", ASHA every {tc.grace_period * config.train.eval_every} steps x "
-                                            f"{tc.reduction_factor}" if tc.asha else ""))
+            f"once, {budget} steps each" + (f", {'ASHA' if slots is None else 'synchronous halving'} at steps "
+                                            f"{rungs(tc.grace_period * config.train.eval_every, tc.reduction_factor, budget)}"
+                                            if tc.asha else ""))
         lines = TrialLines(config_dict, config.source_path, key, train_rows, num_trials(config))
         tuner = tune.Tuner(
             trainable, param_space=param_space(config),
             tune_config=tune.TuneConfig(metric=key, mode=tc.direction, num_samples=num_samples(config),
-                                        scheduler=_scheduler(config, budget),
-                                        search_alg=search_algorithm(config, concurrency)),
+                                        scheduler=_scheduler(config, budget, slots),
+                                        search_alg=search_algorithm(config, concurrency, slots)),
             # A trial that fails (a worker killed for memory on a busy node) is started again up to
             # train.max_failures times; it resumes its Ray Train run from the last checkpoint.
             run_config=tune.RunConfig(name=name, callbacks=[lines],

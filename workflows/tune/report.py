@@ -107,7 +107,7 @@ def _params_text(params: dict[str, Any]) -> str:
 
 
 class TrialLines(tune.Callback):
-    """One console line per trial that finishes, is stopped by ASHA, or fails (in the driver; Tune
+    """One console line per trial that finishes, is stopped early, or fails (in the driver; Tune
     pickles it with the experiment, so it holds plain data only). Every few seconds it also
     releases the placement groups stopped trials left behind (`workflows.tune.cleanup`)."""
 
@@ -131,7 +131,8 @@ class TrialLines(tune.Callback):
         last = trial.last_result or {}
         step = int(last.get("step") or 0)
         value = last.get(self.key)
-        how = "finished" if step >= budget else "stopped early by ASHA"
+        how = "finished" if step >= budget else "stopped early by " + {"async": "ASHA", "sync": "synchronous halving"}[
+            config.tune.halving]
         shown = f"{self.key} {value:.4g}" if isinstance(value, (int, float)) else f"no {self.key}"
         return (f"[tune] trial {self.ended}/{self.total} {trial.trial_id} {how} at step {step}/{budget}: {shown} "
                 f"({_params_text(params)})")
@@ -182,7 +183,7 @@ def _plots(run_dir: Path, records: list[TrialRecord], key: str) -> list[str]:
                 + ("" if r.finished else " (stopped)"))
     ax.set_xlabel("step")
     ax.set_ylabel(f"{key} (validation split)")
-    ax.set_title("every trial: validation metric by step (dashed: stopped early by ASHA)")
+    ax.set_title("every trial: validation metric by step (dashed: stopped early)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -253,7 +254,7 @@ def write_tune_report(run_dir: Path, config: PipelineConfig, outcome: Any, manif
         f"Search: {tc.search}, {len(records)} trials, metric `{key}` ({tc.direction}) on the validation split "
         f"({manifest.get('stages', {}).get('prepare', {}).get('outputs', {}).get('counts', {}).get('validation_rows', '?')}"
         f" rows carved out of the train rows by example hash, tune.validation_fraction {tc.validation_fraction}).",
-        (f"ASHA: grace {tc.grace_period} validation(s) of train.eval_every {config.train.eval_every} steps, "
+        (f"{'ASHA' if tc.halving == 'async' else 'Synchronous successive halving'}: grace {tc.grace_period} validation(s) of train.eval_every {config.train.eval_every} steps, "
          f"reduction factor {tc.reduction_factor}." if tc.asha else "No early stopping (tune.asha: false)."),
         (f"Steps run: {ran} of {planned} planned ({1 - ran / planned:.0%} saved by early stopping"
          + (f"; at the trials' mean {pace:.2f} s per step, about {(planned - ran) * pace / 60:.1f} min of training)."

@@ -122,6 +122,11 @@ def check_space(config: PipelineConfig) -> None:
     if config.train.eval_every is None:
         raise ConfigError("train.eval_every: a sweep compares trials on the validation split every "
                           "train.eval_every steps (and ASHA stops trials there); set it, e.g. train.eval_every: 20")
+    rung, every = tc.grace_period * config.train.eval_every, config.train.checkpoint_every
+    if tc.asha and tc.halving == "sync" and (not every or rung % every):
+        raise ConfigError(f"train.checkpoint_every: tune.halving sync pauses each trial at step {rung} "
+                          f"(tune.grace_period x train.eval_every, then x reduction_factor) and resumes it from "
+                          f"a checkpoint there; set it to {rung} or a divisor of it (got {every})")
     _check_metric(config)
     if tc.search == "tpe":
         optuna_search_class()
@@ -168,11 +173,18 @@ def param_space(config: PipelineConfig) -> dict[str, Any]:
     return space
 
 
-def search_algorithm(config: PipelineConfig, concurrency: int):
+def search_algorithm(config: PipelineConfig, concurrency: int, slots: Any = None):
     """Ray Tune's searcher for `tune.search`, running at most `concurrency` trials at once: random and
     grid by Tune's variant generator (seeded), tpe by Optuna's TPE sampler through `OptunaSearch`
-    (the Tuner hands both the metric and mode)."""
+    (the Tuner hands both the metric and mode). With `slots` (synchronous halving's, which pauses
+    trials) a trial is created only into a free slot instead (`workflows.tune.halving`)."""
     tc = config.tune
+    if slots is not None:
+        from workflows.tune.halving import GatedSearch, GatedVariants
+
+        if tc.search == "tpe":
+            return GatedSearch(optuna_search_class()(seed=tc.seed), slots)
+        return GatedVariants(slots, random_state=tc.seed)
     if tc.search == "tpe":
         from ray.tune.search import ConcurrencyLimiter
 
