@@ -36,3 +36,16 @@ def test_the_report_lists_every_trial_what_asha_saved_and_the_one_eval_score(tmp
     for picture in out["pictures"]:
         assert open(picture, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert all(list((tmp_path / "tensorboard" / "tune" / t.trial_id).glob("events.out.tfevents.*")) for t in trials)
+
+
+def test_a_paused_and_resumed_trial_s_training_time_sums_its_attempts():
+    from workflows.tune.report import _train_seconds
+
+    # Tune's rows of a trial paused at step 63 and resumed from its checkpoint there (a new Ray Train
+    # attempt: elapsed_s and steps_this_run start again), then at 189 once more
+    rows = [{"step": 63, "steps_this_run": 63, "elapsed_s": 44.0}, {"step": 126, "steps_this_run": 63, "elapsed_s": 40.0},
+            {"step": 189, "steps_this_run": 126, "elapsed_s": 86.0}, {"step": 252, "steps_this_run": 63, "elapsed_s": 42.0},
+            {"step": 564, "steps_this_run": 375, "elapsed_s": 269.0}]
+    assert _train_seconds(rows) == 44.0 + 86.0 + 269.0
+    assert _train_seconds(rows[:1] + [{"step": 126, "steps_this_run": 126, "elapsed_s": 90.0}]) == 90.0  # one attempt
+    assert _train_seconds([{"step": 2, "train_loss": 1.0}]) is None

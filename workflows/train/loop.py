@@ -215,10 +215,9 @@ class StepLoop:
             start = time.perf_counter()
             if self.cfg.validator is None:
                 metrics["eval_loss"] = self.eval_loss()
-            elif self.rank == 0:  # only rank 0's metrics are kept; the other ranks wait at the next step
-                # A trial: the validator scores every validation row, which are this run's eval rows
-                # (`PreparedData.for_trials`), and returns their loss as eval_loss too: no second pass.
-                metrics.update(self.cfg.validator(self.model))
+            else:  # A trial: the ranks score the validation rows (this run's eval rows, `PreparedData.
+                # for_trials`) between them; rank 0 gets the metrics, their loss as eval_loss too.
+                metrics.update(self.cfg.validator(self.model, self.rank, self.world))
                 self.model.train()
             metrics["eval_s"] = time.perf_counter() - start
         return metrics

@@ -81,7 +81,7 @@ def _run_dir(storage_path: str | Path, run_name: str) -> Path | str:
 def build_trainer(config: PipelineConfig, prepared: PreparedData, storage_path: str | Path, run_name: str, *,
                   init_adapter: AdapterFiles | None = None, callbacks: list[Any] | None = None,
                   loop: Callable[[dict[str, Any]], Any] | None = None,
-                  validator: Callable[[Any], dict[str, Any]] | None = None,
+                  validator: Callable[[Any, int, int], dict[str, Any]] | None = None,
                   progress_prefix: str = "[train]") -> TorchTrainer:
     """The checked `TorchTrainer` of one run (data and cluster fit verified before it exists).
 

@@ -54,11 +54,12 @@ class WorkerConfig:
     base_identity: dict[str, Any] | None = None  # workflows.models.base_identity()
     lineage: dict[str, Any] | None = None  # loraflow.json extras (data digest, config, ...)
     has_eval: bool = False
-    # A tune trial's: called on rank 0 with the model at every periodic eval, returns the metrics it
-    # adds to that report (the evaluate stage's, on the validation split; workflows/tune/validation.py),
+    # A tune trial's: called on every rank with (model, rank, world) at every periodic eval; the ranks
+    # share the rows, rank 0 returns the metrics it adds to that report (the evaluate stage's, on the
+    # validation split; workflows/tune/validation.py),
     # "eval_loss" among them: the validation rows are the trial's eval rows, so the loop's own eval
     # pass (and its initial one) is left out.
-    validator: Callable[[nn.Module], dict[str, Any]] | None = None
+    validator: Callable[[nn.Module, int, int], dict[str, Any]] | None = None
     progress_prefix: str = "[train]"  # a trial's progress lines go to the run log, not the console
 
 

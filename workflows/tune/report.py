@@ -67,6 +67,20 @@ def _number(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _train_seconds(rows: list[dict[str, Any]]) -> float | None:
+    """A trial's training time: the sum over its Ray Train run's attempts (a trial paused at a rung,
+    or restored, resumes from a checkpoint and its `elapsed_s` and `steps_this_run` start again)."""
+    total, last, prev = 0.0, None, None
+    for r in rows:
+        step, run_steps, elapsed = (_number(r.get(k)) for k in ("step", "steps_this_run", "elapsed_s"))
+        if step is None or run_steps is None or elapsed is None:
+            continue
+        if prev is not None and last is not None and run_steps - prev[1] != step - prev[0]:
+            total += last  # the previous attempt ended there
+        prev, last = (step, run_steps), elapsed
+    return None if last is None else total + last
+
+
 def trial_records(grid: Any, config: PipelineConfig, key: str, train_rows: int) -> list[TrialRecord]:
     """One record per trial of a Tune `ResultGrid`, from each trial's reported history."""
     records = []
@@ -87,7 +101,7 @@ def trial_records(grid: Any, config: PipelineConfig, key: str, train_rows: int) 
                     scalars.setdefault(name, []).append((int(step), number))
         history = scalars.get(key, [])
         steps = max((int(_number(r.get("step")) or 0) for r in rows), default=0)
-        seconds = max((_number(r.get("elapsed_s")) or 0.0 for r in rows), default=None)
+        seconds = _train_seconds(rows)
         records.append(TrialRecord(
             trial_id=str(metrics.get("trial_id") or Path(result.path).name), params=params, rank=cfg.lora.r,
             lr=cfg.train.lr, metric=history[-1][1] if history else None, steps=steps, budget=budget, seconds=seconds,

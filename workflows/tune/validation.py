@@ -1,8 +1,8 @@
 """A tune trial's validation: the evaluate stage's own scoring and metrics, on the model in training.
 
-Every `train.eval_every` steps rank 0 of a trial hands its model to `TrialValidator`, which scores
-the validation split (carved out of the train rows by prepare) with the evaluate stage's
-`EvalScorer` and aggregates the rows with its `aggregate`: whatever metric the evaluate stage
+Every `train.eval_every` steps each rank of a trial hands its model to `TrialValidator`, which scores
+the rank's share of the validation split (carved out of the train rows by prepare) with the evaluate
+stage's `EvalScorer`; rank 0 gathers every rank's scored rows and aggregates them with its `aggregate`: whatever metric the evaluate stage
 computes for the task (loss, accuracy, macro_f1, exact_match, and any a task adds) is reported as
 `validation_<metric>`, so any of them can drive the search. The eval split is never read here.
 """
@@ -22,6 +22,7 @@ from workflows.collate import collator_for
 from workflows.evaluate.metrics import aggregate
 from workflows.evaluate.scorer import NEW, EvalScorer, ScorerSpec
 from workflows.models import load_tokenizer
+from workflows.train.metrics import gather
 
 PREFIX = "validation_"
 
@@ -63,17 +64,24 @@ class TrialValidator:
             self._batch = BlockAccessor.for_block(table).to_batch_format("numpy")
         return self._batch
 
-    def __call__(self, model: nn.Module) -> dict[str, Any]:
+    def __call__(self, model: nn.Module, rank: int = 0, world: int = 1) -> dict[str, Any]:
+        """Rank `rank` of `world` scores rows rank, rank + world, ...; every rank must call it (the
+        scored rows are gathered); rank 0 returns the metrics, the others {}."""
         batch = self.rows()
         ids = [str(x) for x in batch["example_id"]]
-        out: dict[str, Any] = {PREFIX + "rows": len(ids),
-                               PREFIX + "ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()}
         if not ids:
-            return out
+            return {PREFIX + "rows": 0} if rank == 0 else {}
         if self.spec.generate_ids and self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.spec.model_name)
         model.eval()
-        scored = _ScorerOnModel(self.spec, model, self._tokenizer)(batch)
+        share = {k: v[rank::world] for k, v in batch.items()}
+        scored = _ScorerOnModel(self.spec, model, self._tokenizer)(share) if len(share["example_id"]) else None
+        parts = [p for p in gather(scored, world) if p is not None]
+        if rank != 0:
+            return {}
+        scored = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out: dict[str, Any] = {PREFIX + "rows": len(scored["example_id"]), PREFIX + "ids_sha256": hashlib.sha256(
+            "\n".join(sorted(str(i) for i in scored["example_id"])).encode()).hexdigest()}
         metrics = aggregate(self.spec.task, scored, self.label_names)
         out.update({PREFIX + k: float(v) for k, v in metrics.items()
                     if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and k != "rows"})
