@@ -158,9 +158,6 @@ class _Controller:
     def __init__(self, scheduler):
         self.scheduler, self.stopped = scheduler, []
 
-    def _set_trial_status(self, trial, status):
-        trial.set_status(status)
-
     def stop_trial(self, trial):
         self.stopped.append(trial.trial_id)
         self.scheduler.on_trial_remove(self, trial)
@@ -225,3 +222,39 @@ def test_a_trial_that_fails_before_the_rung_does_not_leave_the_others_waiting_fo
     c.set_status("ERROR")
     scheduler.on_trial_error(controller, c)  # the last trial dies before the rung: decided without it
     assert controller.stopped == ["a"] and scheduler.choose_trial_to_run(controller) is trials[1]
+
+
+def _restored(scheduler, controller, trial_id, status="PENDING", last=None):
+    """A trial as `Tuner.restore` hands it to the scheduler (unfinished ones come back PENDING)."""
+    from ray.tune.experiment import Trial
+
+    trial = Trial("__fake", trial_id=trial_id, stub=True)
+    trial.set_status(status)
+    if last:
+        trial.run_metadata.last_result = last
+    scheduler.on_trial_add(controller, trial)
+    return trial
+
+
+def test_a_restored_sweep_races_only_its_unfinished_trials_and_those_at_the_rung_wait_there():
+    from ray.tune.schedulers import TrialScheduler as TS
+
+    scheduler, controller = _halving()
+    _restored(scheduler, controller, "a", status="TERMINATED")  # ended before the driver died: out
+    b = _restored(scheduler, controller, "b", last={"step": 2, "validation_loss": 0.5})  # was paused there
+    c = _restored(scheduler, controller, "c")  # had not reached the rung
+    assert (b.status, c.status) == ("PAUSED", "PENDING")  # b does not train on to step 4 first
+    assert scheduler.choose_trial_to_run(controller) is None  # c holds the one slot
+    c.set_status("RUNNING")
+    # both unfinished trials at the rung: decided without the ended one; ceil(3 / 3) = 1 goes on
+    assert scheduler.on_trial_result(controller, c, {"step": 2, "validation_loss": 0.9}) == TS.STOP
+    scheduler.on_trial_complete(controller, c, {})
+    assert scheduler.choose_trial_to_run(controller) is b
+
+
+def test_a_sweep_restored_with_every_trial_at_the_rung_decides_it_without_a_report():
+    scheduler, controller = _halving()
+    for trial_id, loss in (("a", 1.0), ("b", 0.5), ("c", 2.0)):
+        _restored(scheduler, controller, trial_id, last={"step": 2, "validation_loss": loss})
+    chosen = scheduler.choose_trial_to_run(controller)
+    assert chosen.trial_id == "b" and sorted(controller.stopped) == ["a", "c"]

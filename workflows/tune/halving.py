@@ -87,10 +87,18 @@ class SyncHalving(HyperBandScheduler):
             return
         bracket.add_trial(trial)
         self._trial_info[trial] = bracket, 0
+        last = trial.run_metadata.last_result or {}
+        if self._metric in last and last.get(self._time_attr, 0) >= bracket._cumul_r:
+            # restored after a rung (the driver died while it waited there): it waits again, paused,
+            # with that result, instead of training on to its next report first
+            bracket.update_trial_stats(trial, last)
+            trial.set_status(Trial.PAUSED)
+            return
         if self.slots.free():
             self.slots.held.add(trial)
-        else:  # a restored unfinished trial, beyond the slots: it waits, paused, for one
-            tune_controller._set_trial_status(trial, Trial.PAUSED)
+        else:  # a restored unfinished trial, beyond the slots: it waits, paused, for one (set on the
+            # trial itself: Tune files the trial under its status after this call)
+            trial.set_status(Trial.PAUSED)
             bracket.trials_to_unpause.add(trial)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
@@ -127,6 +135,15 @@ class SyncHalving(HyperBandScheduler):
         self.on_trial_remove(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        bracket = self._state["bracket"]
+        waiting = bracket.current_trials() if bracket is not None else []
+        if waiting and all(t.status == Trial.PAUSED and t not in bracket.trials_to_unpause for t in waiting) \
+                and bracket.cur_iter_done():  # all restored at a rung: nobody is left to report and decide it
+            self._processing = True
+            try:
+                self._process_bracket(tune_controller, bracket)
+            finally:
+                self._processing = False
         if not self.slots.free():
             return None
         trial = super().choose_trial_to_run(tune_controller)
