@@ -104,11 +104,7 @@ class SyncHalving(HyperBandScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
         if self._metric not in result:  # a training-loss report between validations
             return TrialScheduler.CONTINUE
-        self._processing = True  # the bracket stops its bad trials: their removal must not re-enter
-        try:
-            action = super().on_trial_result(tune_controller, trial, result)
-        finally:
-            self._processing = False
+        action = self._guarded(super().on_trial_result, tune_controller, trial, result)
         if action != TrialScheduler.CONTINUE:
             self.slots.held.discard(trial)
         return action
@@ -122,11 +118,16 @@ class SyncHalving(HyperBandScheduler):
         bracket = self._trial_info[trial][0]
         bracket.cleanup_trial(trial)
         if not self._processing and bracket.current_trials() and bracket.cur_iter_done():
-            self._processing = True
-            try:
-                self._process_bracket(tune_controller, bracket)
-            finally:
-                self._processing = False
+            self._guarded(self._process_bracket, tune_controller, bracket)
+
+    def _guarded(self, decide: Any, *args: Any) -> Any:
+        """Run a rung decision; the bad trials it stops come back through `on_trial_remove`, which
+        must not decide again meanwhile."""
+        self._processing = True
+        try:
+            return decide(*args)
+        finally:
+            self._processing = False
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
         self.on_trial_remove(tune_controller, trial)
@@ -139,11 +140,7 @@ class SyncHalving(HyperBandScheduler):
         waiting = bracket.current_trials() if bracket is not None else []
         if waiting and all(t.status == Trial.PAUSED and t not in bracket.trials_to_unpause for t in waiting) \
                 and bracket.cur_iter_done():  # all restored at a rung: nobody is left to report and decide it
-            self._processing = True
-            try:
-                self._process_bracket(tune_controller, bracket)
-            finally:
-                self._processing = False
+            self._guarded(self._process_bracket, tune_controller, bracket)
         if not self.slots.free():
             return None
         trial = super().choose_trial_to_run(tune_controller)
