@@ -75,7 +75,7 @@ def _train_seconds(rows: list[dict[str, Any]]) -> float | None:
         step, run_steps, elapsed = (_number(r.get(k)) for k in ("step", "steps_this_run", "elapsed_s"))
         if step is None or run_steps is None or elapsed is None:
             continue
-        if prev is not None and last is not None and run_steps - prev[1] != step - prev[0]:
+        if prev is not None and run_steps - prev[1] != step - prev[0]:
             total += last  # the previous attempt ended there
         prev, last = (step, run_steps), elapsed
     return None if last is None else total + last

@@ -2,9 +2,10 @@
 
 Every `train.eval_every` steps each rank of a trial hands its model to `TrialValidator`, which scores
 the rank's share of the validation split (carved out of the train rows by prepare) with the evaluate
-stage's `EvalScorer`; rank 0 gathers every rank's scored rows and aggregates them with its `aggregate`: whatever metric the evaluate stage
-computes for the task (loss, accuracy, macro_f1, exact_match, and any a task adds) is reported as
-`validation_<metric>`, so any of them can drive the search. The eval split is never read here.
+stage's `EvalScorer`; rank 0 gathers every rank's scored rows and aggregates them with the evaluate
+stage's `aggregate`: whatever metric the evaluate stage computes for the task (loss, accuracy,
+macro_f1, exact_match, and any a task adds) is reported as `validation_<metric>`, so any of them can
+drive the search. The eval split is never read here.
 """
 
 from __future__ import annotations
@@ -68,8 +69,7 @@ class TrialValidator:
         """Rank `rank` of `world` scores rows rank, rank + world, ...; every rank must call it (the
         scored rows are gathered); rank 0 returns the metrics, the others {}."""
         batch = self.rows()
-        ids = [str(x) for x in batch["example_id"]]
-        if not ids:
+        if not len(batch["example_id"]):
             return {PREFIX + "rows": 0} if rank == 0 else {}
         if self.spec.generate_ids and self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.spec.model_name)
