@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import http.server
 import io
+import json
+import socket
 import threading
 from types import SimpleNamespace
 
@@ -77,6 +79,39 @@ def test_a_redirect_to_another_host_never_carries_the_token(monkeypatch):
     assert other_host.seen == []  # the token never went to the other host
     assert redirecting.seen == [("127.0.0.1", "Bearer s3cret")]
     assert error and "refused a redirect" in error
+
+
+class NodeTable(http.server.BaseHTTPRequestHandler):
+    """A dashboard's `/nodes?view=summary` answering `nodes`."""
+    nodes: list = []
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(json.dumps({"data": {"summary": self.nodes}}).encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def _registered(hostname: str, ip: str) -> dict:
+    """A node as the dashboard lists it once the GCS has it ALIVE and before its reporter agent sent
+    the physical stats (the top-level `hostname`, `ip`, ...): only the `raylet` part."""
+    return {"raylet": {"state": "ALIVE", "nodeManagerHostname": hostname, "nodeManagerAddress": ip}}
+
+
+@pytest.mark.parametrize("hostname, ip, local", [
+    (socket.gethostname(), "127.0.0.1", True), ("ray-worker-0", "127.0.0.1", False),
+    (socket.gethostname(), "10.255.0.9", False),
+])
+def test_a_node_is_placed_by_what_the_gcs_registered_before_its_agent_reports(hostname, ip, local):
+    table = type("Table", (NodeTable,), {"nodes": [_registered(socket.gethostname(), "127.0.0.1"),
+                                                   _registered(hostname, ip)]})
+    server = serve("127.0.0.1", table)
+    try:
+        assert jobs.cluster_on_this_machine(f"http://127.0.0.1:{server.server_port}") is local
+    finally:
+        server.shutdown()
 
 
 class SilentStreamClient:

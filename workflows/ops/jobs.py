@@ -125,8 +125,12 @@ def cluster_on_this_machine(address: str) -> bool:
     except (OSError, ValueError, KeyError) as e:
         raise JobsError(f"cannot reach a Ray job server at {address} ({e}). Is the head running, and is this "
                         "its dashboard address (http://HOST:8265 by default)?") from None
+    # The node's host name and address as the GCS registered it (`raylet`), which the table holds as
+    # soon as the node is ALIVE; the top-level `hostname` and `ip` come from the node's reporter agent
+    # a moment later, and a node read before then looked remote (seen once in CI).
     own_ips = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
-    return bool(alive) and all(n.get("hostname") == socket.gethostname() and n.get("ip") in own_ips for n in alive)
+    return bool(alive) and all(n["raylet"].get("nodeManagerHostname") == socket.gethostname()
+                               and n["raylet"].get("nodeManagerAddress") in own_ips for n in alive)
 
 
 def _outcome(client, job_id: str) -> JobOutcome:
