@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"artifacts", "config", "storage", "prepared", "models", "heads", "collate", "adapters", "lease",
-        "devices", "token_tags", "registry_root", "shards", "gguf_llama"}
+        "devices", "token_tags", "registry_root", "shards", "gguf_llama", "config_yaml"}
 STAGES = {"prepare", "train", "evaluate", "registry"}
 DRIVERS = {"cli", "dag", "pipeline", "preview", "report", "retrain", "tracking", "tune"}
 MAX_LINES = 400

@@ -81,6 +81,24 @@ def test_set_overrides_any_key_with_yaml_typed_values(tmp_path):
     assert cfg.data.pack is False
 
 
+def test_numbers_in_exponent_notation_are_numbers_in_the_file_and_in_set(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string; loraflow reads the number that YAML 1.2 and JSON read,
+    so a search space's grid hands the trials floats and a log-uniform range is accepted."""
+    from workflows.tune.space import check_space
+
+    (tmp_path / "pipeline.yaml").write_text(
+        "data: {source: rows.jsonl, format: instruction}\ntrain: {lr: 1e-4, eval_every: 2}\n"
+        "tune: {search: grid, search_space: {train.lr: {grid: [1e-4, 5E-4, 2.0e-3]}}}\n")
+    cfg = load_config(tmp_path / "pipeline.yaml", overrides=["lora.dropout=5e-2"])
+    assert cfg.train.lr == 1e-4 and cfg.lora.dropout == 0.05
+    assert cfg.tune.search_space["train.lr"] == {"grid": [1e-4, 5e-4, 2e-3]}
+    cfg = load_config(tmp_path / "pipeline.yaml", overrides=[
+        "tune.search=random", 'tune.search_space={"train.lr": {"loguniform": [1e-05, 1e-3]}}'])
+    assert cfg.tune.search_space["train.lr"] == {"loguniform": [1e-5, 1e-3]}
+    check_space(cfg)  # numbers: accepted
+    assert load_config(tmp_path / "pipeline.yaml", overrides=["registry.name=1e5x"]).registry.name == "1e5x"
+
+
 def test_set_with_unknown_key_fails(tmp_path):
     path = write(tmp_path, BASE)
     with pytest.raises(ConfigError, match="train.nope"):

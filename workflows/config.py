@@ -11,7 +11,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,6 +23,7 @@ from pydantic import (
 
 from lora_core.config import LoraConfig
 from workflows.artifacts import UserError, is_uri
+from workflows.config_yaml import YAMLError, load_yaml
 from workflows.registry_root import DEFAULT_REGISTRY_ROOT, resolve_registry_root
 
 CONFIG_VERSION = 1
@@ -360,7 +360,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        node[parts[-1]] = load_yaml(value) if value != "" else ""
     return raw
 
 
@@ -370,8 +370,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        raw = load_yaml(path.read_text()) or {}
+    except YAMLError as e:
         raise ConfigError(f"config {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path}: expected a mapping at the top level, got {type(raw).__name__}")
