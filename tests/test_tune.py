@@ -10,8 +10,10 @@ continues the sweep. ASHA's rungs live in the driver (a resumed Tuner starts wit
 the stop is shown after the resume: the second trial (a good learning rate) sets the rung at step 2,
 the third (a learning rate too small to move the loss) arrives behind it and is stopped there.
 
-The same grid then runs again with synchronous halving (`sync_sweep`, reduction factor 3): every
-trial waits, paused, at step 2 until all three got there, and only the best goes on, resumed.
+Two of its learning rates then run again with synchronous halving (`sync_sweep`): both trials
+wait, paused, at step 2 until both got there, and only the better goes on, resumed from its
+checkpoint at the rung. A trial's ranks sharing the validation rows is shown without a sweep
+(`test_two_ranks_share_the_validation_rows_and_agree_with_one`): two gloo ranks.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from make_demo_data import make_row  # noqa: E402
 
 TRIALS, BUDGET = 3, 4
 LRS = [2e-3, 5e-3, 1e-6]  # in the grid's (and the trials') order: finishes, finishes, lags
+SYNC_LRS = LRS[1:]  # the synchronous sweep's grid: the better goes on, the other stops at the rung
 # The module's one sweep (two driver runs, four Ray Train runs' start-ups, evaluate) is set up
 # inside the first test; on a loaded 2-core machine it can take several minutes.
 pytestmark = [pytest.mark.timeout(900), pytest.mark.train_group]
@@ -113,12 +116,13 @@ def sweep(tmp_path_factory, ray_address):
 
 @pytest.fixture(scope="module")
 def sync_sweep(sweep, ray_address):
-    """The module's grid again (same work directory: prepare is cached), with synchronous halving and
-    two workers per trial (the ranks share each validation's rows: test_no_eval_row... checks them).
-    A restored sync sweep is shown at the scheduler (tests/test_tune_space.py): killing this one too
-    cost the suite about three minutes."""
+    """Two of the module's learning rates (same work directory: prepare is cached) with synchronous
+    halving by 2: three Ray Train runs (two to the rung, one resumed), the fewest that show a pause,
+    a decision and a resume. A restored sync sweep is shown at the scheduler (tests/test_tune_space.py):
+    killing this one too cost the suite about three minutes."""
+    space = {"train.lr": {"grid": SYNC_LRS}, "lora.target_modules": "attention", "lora.alpha_over_r": 2}
     argv = _argv(Path(sweep["root"]) / "pipeline.yaml", ray_address) + [
-        "--set", "tune.halving=sync", "--set", "tune.reduction_factor=3", "--set", "train.num_workers=2"]
+        "--set", "tune.halving=sync", "--set", f"tune.search_space={json.dumps(space)}"]
     done = subprocess.run(argv, cwd=sweep["root"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     manifest = json.loads(done.stdout)
@@ -133,10 +137,10 @@ def sync_sweep(sweep, ray_address):
 def test_synchronous_halving_waits_for_every_trial_at_the_rung_then_resumes_only_the_best(sync_sweep):
     trials = sorted(sync_sweep["manifest"]["tune"]["trials"], key=lambda r: r["trial_id"])  # creation order
     results = sync_sweep["results"]
-    assert [r["params"]["train.lr"] for r in trials] == LRS and set(results) == {r["trial_id"] for r in trials}
+    assert [r["params"]["train.lr"] for r in trials] == SYNC_LRS and set(results) == {r["trial_id"] for r in trials}
     at_rung = {r["trial_id"]: dict(map(tuple, r["history"]))[2] for r in trials}
     winner = min(at_rung, key=at_rung.get)  # the best validation loss at the rung, step 2
-    for r in trials:  # ceil(3 / 3) = 1 goes on; the others stop AT the rung, not before, not after
+    for r in trials:  # ceil(2 / 2) = 1 goes on; the other stops AT the rung, not before, not after
         assert (r["finished"], r["steps"]) == ((True, BUDGET) if r["trial_id"] == winner else (False, 2)), r
     # Synchronous: the winner's first result past the rung comes after every trial's rung result
     rung_time = max(next(x["timestamp"] for x in res if x["step"] == 2) for res in results.values())
@@ -146,7 +150,7 @@ def test_synchronous_halving_waits_for_every_trial_at_the_rung_then_resumes_only
     firsts = [results[r["trial_id"]][0]["timestamp"] for r in trials]
     assert firsts == sorted(firsts) and len(set(firsts)) == len(firsts)
     lines = [line for line in sync_sweep["err"].splitlines() if line.startswith("[tune] trial ")]
-    assert sum("stopped early by synchronous halving at step 2/4" in line for line in lines) == 2, lines
+    assert sum("stopped early by synchronous halving at step 2/4" in line for line in lines) == 1, lines
     assert "synchronous halving at steps [2]" in sync_sweep["err"]
 
 
@@ -199,7 +203,7 @@ def test_no_eval_row_reaches_a_trial(sweep, sync_sweep):
     assert eval_ids and validation_ids and not eval_ids & validation_ids
     digest = hashlib.sha256("\n".join(sorted(validation_ids)).encode()).hexdigest()
     runs = sorted((sweep["root"] / "work" / "tune" / "trials").glob("trial-*/metrics.jsonl"))
-    assert len(runs) == 2 * TRIALS  # both sweeps' trials (the second's on two ranks, sharing the rows)
+    assert len(runs) == TRIALS + len(SYNC_LRS)  # both sweeps' trials
     for run in runs:  # what every trial scored, at every validation: the validation rows, each once
         scored = [json.loads(line) for line in run.read_text().splitlines() if "validation_ids_sha256" in line]
         assert scored and {r["validation_ids_sha256"] for r in scored} == {digest}, run
@@ -211,6 +215,61 @@ def test_no_eval_row_reaches_a_trial(sweep, sync_sweep):
     train_tokens = [tuple(x) for f in (prepared / "train").glob("*.parquet")
                     for x in pq.read_table(f, columns=["input_ids"]).column(0).to_pylist()]
     assert train_tokens and not eval_tokens & set(train_tokens)
+
+
+_RANK = """
+import json, os, pickle, sys
+import torch.distributed as dist
+from workflows.models import load_base
+from workflows.tune import validation
+
+rank, world, store, validator_file, out = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:]
+scored = []
+score = validation._ScorerOnModel.__call__
+validation._ScorerOnModel.__call__ = lambda self, batch: scored.extend(map(str, batch["example_id"])) or score(self, batch)
+with open(validator_file, "rb") as f:
+    validator = pickle.load(f)
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+metrics = validator(load_base("tiny-llama")[0], rank, world)
+with open(out, "w") as f:
+    json.dump({"scored": scored, "metrics": metrics}, f)
+os._exit(0)  # no gloo teardown at exit (tests/lora_core/test_lora_inject.py says why)
+"""
+
+
+def test_two_ranks_share_the_validation_rows_and_agree_with_one(sweep, tmp_path):
+    """A trial's ranks score the validation rows between them (rank r every world-th row) and rank 0
+    gathers them: as two gloo ranks (a process group like a Train run's), every row scored once, and
+    the metrics a single rank computes on all of them."""
+    import pickle
+
+    from workflows.config import load_config
+    from workflows.models import load_base
+    from workflows.prepared import PreparedData
+    from workflows.tune.validation import trial_validator
+
+    cfg = load_config(Path(sweep["root"]) / "pipeline.yaml")
+    prepared = PreparedData.load(sweep["manifest"]["stages"]["prepare"]["outputs"]["dir"])
+    validator = trial_validator(prepared.manifest, prepared.validation_files, cfg.model.name, "loss",
+                                cfg.eval.batch_size, cfg.eval.generation)
+    (tmp_path / "validator.pkl").write_bytes(pickle.dumps(validator))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), "2", str(tmp_path / "store"),
+                               str(tmp_path / "validator.pkl"), str(tmp_path / f"rank{r}.json")],
+                              cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for r in ranks:
+        _, err = r.communicate(timeout=300)
+        assert r.returncode == 0, err[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    everything = {str(i) for i in validator.rows()["example_id"]}
+    assert rank0["scored"] and rank1["scored"] and not set(rank0["scored"]) & set(rank1["scored"])
+    assert sorted(rank0["scored"] + rank1["scored"]) == sorted(everything)  # each row once
+    assert rank1["metrics"] == {}
+    alone = validator(load_base(cfg.model.name)[0])
+    assert rank0["metrics"].keys() == alone.keys() and rank0["metrics"]["validation_rows"] == len(everything)
+    digest = "validation_ids_sha256"
+    assert rank0["metrics"].pop(digest) == alone.pop(digest)
+    assert rank0["metrics"] == pytest.approx(alone, rel=1e-5)
 
 
 def test_each_trial_gets_one_console_line_and_the_report_has_its_table_pictures_and_tensorboard(sweep):
