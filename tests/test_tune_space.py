@@ -181,6 +181,29 @@ def _start(scheduler, controller, trial_id):
     return trial
 
 
+def test_asha_as_a_config_sets_it_up_stops_a_trial_that_lags_at_the_rung():
+    """The default, `halving: async`: Ray Tune's ASHA as `loraflow tune` builds it from a config (its
+    rung at grace_period x eval_every steps), against real Tune trials: the first at the rung goes on,
+    one behind it stops there, one ahead goes on (tests/test_tune.py shows it in a real sweep)."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+    from ray.tune.schedulers import TrialScheduler as TS
+
+    from workflows.tune import _scheduler
+
+    config = cfg({**sweep(grace_period=1, reduction_factor=2), "train": {"eval_every": 2}})
+    scheduler = _scheduler(config, budget=8)
+    assert isinstance(scheduler, AsyncHyperBandScheduler) and config.tune.halving == "async"
+    scheduler.set_search_properties("validation_loss", "min")
+    controller = _Controller(scheduler)
+    first, lagging, ahead = (_start(scheduler, controller, t) for t in ("first", "lagging", "ahead"))
+    assert scheduler.on_trial_result(controller, first, {"step": 1, "train_loss": 3.0}) == TS.CONTINUE
+    assert scheduler.on_trial_result(controller, first, {"step": 2, "validation_loss": 1.0}) == TS.CONTINUE
+    assert scheduler.on_trial_result(controller, lagging, {"step": 1, "validation_loss": 9.0}) == TS.CONTINUE
+    assert scheduler.on_trial_result(controller, lagging, {"step": 2, "validation_loss": 2.0}) == TS.STOP
+    assert scheduler.on_trial_result(controller, ahead, {"step": 2, "validation_loss": 0.5}) == TS.CONTINUE
+    assert scheduler.on_trial_result(controller, first, {"step": 4, "validation_loss": 0.9}) == TS.CONTINUE
+
+
 def test_synchronous_halving_pauses_every_trial_at_the_rung_until_all_arrived_then_keeps_the_top_third():
     from ray.tune.schedulers import TrialScheduler as TS
 
