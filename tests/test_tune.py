@@ -223,14 +223,14 @@ import torch.distributed as dist
 from workflows.models import load_base
 from workflows.tune import validation
 
-rank, world, store, validator_file, out = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:]
+rank, world, model, store, validator_file, out = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:]
 scored = []
 score = validation._ScorerOnModel.__call__
 validation._ScorerOnModel.__call__ = lambda self, batch: scored.extend(map(str, batch["example_id"])) or score(self, batch)
 with open(validator_file, "rb") as f:
     validator = pickle.load(f)
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
-metrics = validator(load_base("tiny-llama")[0], rank, world)
+metrics = validator(load_base(model)[0], rank, world)
 with open(out, "w") as f:
     json.dump({"scored": scored, "metrics": metrics}, f)
 os._exit(0)  # no gloo teardown at exit (tests/lora_core/test_lora_inject.py says why)
@@ -254,7 +254,7 @@ def test_two_ranks_share_the_validation_rows_and_agree_with_one(sweep, tmp_path)
                                 cfg.eval.batch_size, cfg.eval.generation)
     (tmp_path / "validator.pkl").write_bytes(pickle.dumps(validator))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), "2", str(tmp_path / "store"),
+    ranks = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), "2", cfg.model.name, str(tmp_path / "store"),
                                str(tmp_path / "validator.pkl"), str(tmp_path / f"rank{r}.json")],
                               cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for r in ranks:
